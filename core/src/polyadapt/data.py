@@ -1,0 +1,84 @@
+"""Data helpers shared by every modality: bad-sample records, safe paths, held-out splits and fingerprints."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .errors import DataError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One bad sample: where it is (file, optional line) and why it is bad."""
+
+    file: str
+    reason: str
+    line: int | None = None
+    split: str | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line is not None else self.file
+        return f"{where}: {self.reason}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def resolve_inside(root: Path, relative: str) -> Path | None:
+    """``root / relative`` if it stays inside ``root`` (after resolving ``..`` and links), else None."""
+    root = root.resolve()
+    candidate = (root / relative).resolve()
+    return candidate if candidate.is_relative_to(root) else None
+
+
+def deterministic_holdout(items: Sequence[T], fraction: float, seed: int) -> tuple[list[T], list[T], list[int]]:
+    """Cut a held-out split: the same items, seed and fraction always give the same split.
+
+    :return: ``(train, holdout, holdout_indices)``; at least one item is held out when there are two or more.
+    """
+    n = len(items)
+    if n < 2:
+        return list(items), [], []
+    count = min(n - 1, max(1, round(n * fraction)))
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    held = sorted(order[:count])
+    held_set = set(held)
+    return [x for i, x in enumerate(items) if i not in held_set], [items[i] for i in held], held
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(files: Iterable[Path], root: Path | None = None) -> dict[str, Any]:
+    """sha256 of every file and a combined digest over (relative name, digest) pairs, order-independent."""
+    entries: dict[str, str] = {}
+    for path in files:
+        path = Path(path)
+        name = str(path.resolve().relative_to(root.resolve())) if root and path.resolve().is_relative_to(root.resolve()) else str(path)
+        entries[name] = sha256_file(path)
+    combined = hashlib.sha256()
+    for name in sorted(entries):
+        combined.update(f"{name}\0{entries[name]}\n".encode())
+    return {"files": dict(sorted(entries.items())), "sha256": combined.hexdigest()}
+
+
+def enforce_bad_sample_policy(problems: list[Problem], policy: str, where: str) -> list[dict[str, Any]]:
+    """Apply ``data.on_bad_sample``: raise listing every problem (``fail``) or return them for the manifest."""
+    if problems and policy == "fail":
+        raise DataError(
+            f"{len(problems)} bad sample(s) in {where} (set data.on_bad_sample: skip to train without them)", problems
+        )
+    return [p.as_dict() for p in problems]

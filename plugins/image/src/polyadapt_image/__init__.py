@@ -1,0 +1,3 @@
+"""polyadapt-image."""
+
+__version__ = "0.1.0"

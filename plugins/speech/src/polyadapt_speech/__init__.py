@@ -1,0 +1,3 @@
+"""polyadapt-speech."""
+
+__version__ = "0.1.0"

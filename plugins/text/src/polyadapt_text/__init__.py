@@ -1,0 +1,3 @@
+"""polyadapt-text."""
+
+__version__ = "0.1.0"
