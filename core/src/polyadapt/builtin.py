@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from .config import ResolvedBase
 from .errors import ConfigError
 from .hookspecs import hookimpl
 
@@ -39,7 +38,9 @@ def locate_package_file(reference: str) -> Path:
 
 
 @hookimpl(trylast=True)
-def resolve_base(reference: str) -> ResolvedBase:
+def resolve_base(reference: str):
+    from .config import ResolvedBase
+
     if reference.startswith(PKG_SCHEME):
         return ResolvedBase(reference=reference, path=locate_package_file(reference))
     candidate = Path(reference).expanduser()

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core.core_schema import ValidationInfo
 
 from .errors import ConfigError
 
@@ -48,8 +49,9 @@ class DataConfig(Section):
 
     @field_validator("path")
     @classmethod
-    def _path_exists(cls, value: Path) -> Path:
-        if not value.exists():
+    def _path_exists(cls, value: Path, info: ValidationInfo) -> Path:
+        # A finished run's recorded config is reloaded for inference and export, where its data may be gone.
+        if (info.context or {}).get("check_paths", True) and not value.exists():
             raise ValueError(f"{str(value)!r} does not exist")
         return value
 
@@ -239,7 +241,9 @@ def format_validation_error(error: ValidationError, model: type[BaseModel], pref
     return lines
 
 
-def validate_config(raw: dict[str, Any], source: str | None = None, plugin_manager: Any = None) -> AdaptConfig:
+def validate_config(
+    raw: dict[str, Any], source: str | None = None, plugin_manager: Any = None, check_paths: bool = True
+) -> AdaptConfig:
     """Validate a raw config mapping, including the modality's own section; raise ConfigError with every problem."""
     from .errors import PluginError
     from .plugins import get_plugin_manager
@@ -266,7 +270,7 @@ def validate_config(raw: dict[str, Any], source: str | None = None, plugin_manag
             raw.pop(key)
     core = None
     try:
-        core = AdaptConfig.model_validate(raw)
+        core = AdaptConfig.model_validate(raw, context={"check_paths": check_paths})
     except ValidationError as exc:
         problems.extend(format_validation_error(exc, AdaptConfig))
     settings = None

@@ -1,0 +1,165 @@
+"""report.json and report.html: metrics before/after as a table, the loss curve, and the modality's own sections."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .evaluation import compare
+from .manifest import write_json_atomic
+
+if TYPE_CHECKING:
+    from .modality import EvalResult, Modality
+
+REPORT_JSON = "report.json"
+REPORT_HTML = "report.html"
+
+
+def write_reports(
+    run_dir: Path,
+    modality: Modality,
+    manifest: dict[str, Any],
+    before: EvalResult | None,
+    after: EvalResult,
+    general: tuple[dict | None, dict | None] | None = None,
+    evaluated_on: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write both reports into ``run_dir``; return the report.json content."""
+    from .plugins import get_plugin_manager
+
+    directions = {m.name: m.higher_is_better for m in get_plugin_manager().metrics(modality.name)}
+
+    def higher(name: str) -> bool:
+        return directions[name] if name in directions else modality.higher_is_better(name)
+
+    rows = compare(before.metrics if before else None, after.metrics, higher)
+    general_rows = compare(general[0], general[1], higher) if general and general[1] else []
+    history = _read_history(run_dir / "metrics.jsonl")
+    report = {
+        "modality": modality.name,
+        "primary_metric": modality.primary_metric,
+        "base": manifest.get("base", {}).get("reference"),
+        "metrics": rows,
+        "general_metrics": general_rows,
+        "training": manifest.get("training"),
+        "evaluated_on": evaluated_on,
+        "examples": {"before": (before.examples if before else [])[:20], "after": after.examples[:20]},
+    }
+    write_json_atomic(run_dir / REPORT_JSON, report)
+    sections = modality.report_sections(before, after, run_dir)
+    (run_dir / REPORT_HTML).write_text(_render_html(report, manifest, history, sections), encoding="utf-8")
+    return report
+
+
+def _read_history(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return html.escape(str(value))
+
+
+def _metrics_table(rows: list[dict[str, Any]], primary: str) -> str:
+    body = []
+    for row in rows:
+        verdict = "" if "improved" not in row else ("better" if row["improved"] else "worse")
+        arrow = "↑" if row["higher_is_better"] else "↓"
+        name = html.escape(row["metric"]) + (" <span class=tag>primary</span>" if row["metric"] == primary else "")
+        change = _fmt(row.get("change")) if "change" in row else "–"
+        body.append(
+            f"<tr class='{verdict}'><td>{name} <span class=dir title='better when {'higher' if row['higher_is_better'] else 'lower'}'>{arrow}</span></td>"
+            f"<td>{_fmt(row['before'])}</td><td>{_fmt(row['after'])}</td><td>{change}</td><td>{verdict}</td></tr>"
+        )
+    return (
+        "<table><thead><tr><th>metric</th><th>before</th><th>after</th><th>change</th><th></th></tr></thead>"
+        f"<tbody>{''.join(body)}</tbody></table>"
+    )
+
+
+def loss_curve_svg(history: list[dict[str, Any]], width: int = 640, height: int = 240) -> str:
+    """An inline SVG plot of training loss per step, with held-out loss points when present."""
+    train = [(r["step"], r["loss"]) for r in history if "loss" in r]
+    evals = [(r["step"], r["eval/eval_loss"]) for r in history if "eval/eval_loss" in r]
+    points = train + evals
+    if not points:
+        return "<p>No training steps were logged.</p>"
+    pad = 40
+    xs = [p[0] for p in points]
+    ys = [p[1] for p in points]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+
+    def sx(x: float) -> float:
+        return pad + (x - x0) / (x1 - x0) * (width - 2 * pad)
+
+    def sy(y: float) -> float:
+        return height - pad - (y - y0) / (y1 - y0) * (height - 2 * pad)
+
+    line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in train)
+    dots = "".join(f"<circle cx='{sx(x):.1f}' cy='{sy(y):.1f}' r='4' class='eval'><title>step {x}: {y:.4f}</title></circle>" for x, y in evals)
+    axes = (
+        f"<line x1='{pad}' y1='{height - pad}' x2='{width - pad}' y2='{height - pad}' class='axis'/>"
+        f"<line x1='{pad}' y1='{pad}' x2='{pad}' y2='{height - pad}' class='axis'/>"
+        f"<text x='{pad}' y='{height - 12}'>step {x0}</text><text x='{width - pad}' y='{height - 12}' text-anchor='end'>step {x1}</text>"
+        f"<text x='4' y='{pad}'>{y1:.3g}</text><text x='4' y='{height - pad}'>{y0:.3g}</text>"
+    )
+    legend = "<text x='{0}' y='20' class='legend'>— training loss   ● held-out loss</text>".format(width / 2 - 90)
+    return (
+        f"<svg role='img' aria-label='loss curve' viewBox='0 0 {width} {height}' width='{width}' height='{height}'>"
+        f"{axes}<polyline points='{line}' class='train'/>{dots}{legend}</svg>"
+    )
+
+
+STYLE = """
+body{font:15px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:1040px;color:#1d2733;padding:0 1rem}
+h1{font-size:1.5rem;margin-bottom:.2rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #dde3ea;padding-bottom:.3rem}
+.sub{color:#5b6b7c;margin-top:0}table{border-collapse:collapse;width:100%;margin:.5rem 0}
+th,td{padding:.35rem .6rem;border-bottom:1px solid #e8edf2;text-align:left;vertical-align:top}th{background:#f5f7fa}
+tr.better td:last-child{color:#12805c;font-weight:600}tr.worse td:last-child{color:#b42318;font-weight:600}
+.tag{font-size:.7rem;background:#e0ecff;color:#1f4fa3;border-radius:3px;padding:0 .3rem}.dir{color:#8795a5}
+svg .axis{stroke:#9aa7b4}svg .train{fill:none;stroke:#1f6feb;stroke-width:2}svg .eval{fill:#e8590c}svg text{font-size:11px;fill:#5b6b7c}
+dl{display:grid;grid-template-columns:max-content 1fr;gap:.2rem 1rem}dt{color:#5b6b7c}dd{margin:0;word-break:break-all}
+code{background:#f5f7fa;padding:0 .25rem;border-radius:3px}
+"""
+
+
+def _render_html(report: dict[str, Any], manifest: dict[str, Any], history: list[dict], sections: list[tuple[str, str]]) -> str:
+    training = report.get("training") or {}
+    data = manifest.get("data", {})
+    facts = {
+        "modality": report["modality"],
+        "base": report.get("base"),
+        "method": (manifest.get("config", {}).get("peft") or {}).get("method"),
+        "trainable parameters": (manifest.get("adapter") or {}).get("parameters", {}).get("trainable"),
+        "steps": training.get("steps"),
+        "training time (s)": training.get("seconds"),
+        "stopped early": training.get("stopped_early"),
+        "train / held-out samples": f"{data.get('counts', {}).get('train')} / {data.get('counts', {}).get('validation')}",
+        "data fingerprint": (data.get("fingerprint") or {}).get("sha256"),
+    }
+    fact_html = "".join(f"<dt>{html.escape(k)}</dt><dd>{_fmt(v)}</dd>" for k, v in facts.items() if v is not None)
+    parts = [
+        "<!doctype html><html lang=en><head><meta charset=utf-8>",
+        f"<title>polyadapt report: {html.escape(report['modality'])}</title><style>{STYLE}</style></head><body>",
+        f"<h1>polyadapt report</h1><p class=sub>{html.escape(str(report.get('base')))} → adapted ({html.escape(report['modality'])})</p>",
+        "<h2>Held-out metrics, before vs after</h2>",
+        _metrics_table(report["metrics"], report["primary_metric"]),
+    ]
+    if report.get("evaluated_on"):
+        ev = report["evaluated_on"]
+        parts.append(f"<p class=sub>Evaluated on <code>{html.escape(ev['data'])}</code> ({ev['samples']} samples) at {html.escape(ev['when'])}.</p>")
+    if report.get("general_metrics"):
+        parts += ["<h2>Forgetting check (general data)</h2>", _metrics_table(report["general_metrics"], report["primary_metric"])]
+    parts += ["<h2>Loss curve</h2>", loss_curve_svg(history), "<h2>Run</h2>", f"<dl>{fact_html}</dl>"]
+    for title, body in sections:
+        parts += [f"<h2>{html.escape(title)}</h2>", body]
+    parts.append("</body></html>")
+    return "\n".join(parts)
