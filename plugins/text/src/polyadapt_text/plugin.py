@@ -1,1 +1,27 @@
-"""Hook implementations of the text plugin."""
+"""Hook implementations of the text plugin. Kept thin and cheap to import: models load inside the modality."""
+
+from __future__ import annotations
+
+from polyadapt import hookimpl
+from polyadapt.export import ExportFormat
+
+from .modality import TextModality
+
+
+@hookimpl
+def register_modalities(register):
+    register(TextModality)
+
+
+@hookimpl
+def register_export_formats(register):
+    from .export import export_merged
+
+    register(
+        ExportFormat(
+            name="merged",
+            modality="text",
+            help="adapter merged into the base weights (safetensors + tokenizer), after a logit parity gate",
+            export=export_merged,
+        )
+    )

@@ -1,0 +1,300 @@
+"""Reading and validating text datasets: JSONL files in three formats, the directory layout, duplicates and leakage.
+
+Formats, detected per file from the first record that is a JSON object (or forced with ``text.format``)::
+
+    {"text": "..."}                                         continued pretraining
+    {"prompt": "...", "completion": "..."}                  instruction tuning
+    {"messages": [{"role": "user", "content": "..."}, ...]} chat, rendered with the tokenizer's chat template
+
+Every record may also carry ``"answer_contains": ["fact", ...]`` (for fact accuracy) and an ``"id"``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from polyadapt.data import Problem, deterministic_holdout
+from polyadapt.errors import DataError
+from polyadapt.modality import DatasetSplits
+
+FORMATS = ("text", "prompt_completion", "chat")
+ROLES = ("system", "user", "assistant")
+OPTIONAL_KEYS = ("answer_contains", "id")
+REQUIRED_KEYS = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "chat": ("messages",)}
+TRAIN_FILE = "train.jsonl"
+HELDOUT_FILES = ("validation.jsonl", "test.jsonl")
+LEAKAGE_SHOWN = 20
+
+
+@dataclass(frozen=True)
+class TextSample:
+    """One validated record. ``messages`` is a tuple of ``(role, content)`` pairs for chat records."""
+
+    format: str
+    source: str
+    line: int
+    text: str = ""
+    prompt: str = ""
+    completion: str = ""
+    messages: tuple[tuple[str, str], ...] = ()
+    answer_contains: tuple[str, ...] = ()
+    id: str | None = None
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.line}"
+
+    def content(self) -> str:
+        """All the record's text, in order, for duplicate and leakage checks."""
+        if self.format == "text":
+            return self.text
+        if self.format == "prompt_completion":
+            return f"{self.prompt}\n{self.completion}"
+        return "\n".join(f"{role}: {content}" for role, content in self.messages)
+
+
+_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
+_SPACE = re.compile(r"\s+")
+
+
+def normalise(text: str) -> str:
+    """Lower case, punctuation removed, whitespace collapsed: two texts equal after this are near-duplicates."""
+    return _SPACE.sub(" ", _PUNCTUATION.sub(" ", text.lower())).strip()
+
+
+def detect_format(record: dict[str, Any]) -> str | None:
+    """The format a record's keys indicate, or None."""
+    if "messages" in record:
+        return "chat"
+    if "prompt" in record or "completion" in record:
+        return "prompt_completion"
+    if "text" in record:
+        return "text"
+    return None
+
+
+def _nonempty_string(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def parse_record(record: Any, fmt: str, source: str, line: int) -> tuple[TextSample | None, str | None]:
+    """Validate one decoded JSON value against ``fmt``: the sample, or the reason it is bad."""
+    if not isinstance(record, dict):
+        return None, f"expected a JSON object, got {type(record).__name__}"
+    allowed = REQUIRED_KEYS[fmt] + OPTIONAL_KEYS
+    missing = [k for k in REQUIRED_KEYS[fmt] if k not in record]
+    if missing:
+        return None, f"missing key {missing[0]!r} (format {fmt}: keys {', '.join(REQUIRED_KEYS[fmt])})"
+    unknown = [k for k in record if k not in allowed]
+    if unknown:
+        return None, f"unknown key {unknown[0]!r} (format {fmt} allows {', '.join(allowed)})"
+    answers = record.get("answer_contains", [])
+    if not isinstance(answers, list) or not all(_nonempty_string(a) for a in answers):
+        return None, "'answer_contains' must be a list of non-empty strings"
+    ident = record.get("id")
+    if ident is not None and not isinstance(ident, (str, int)):
+        return None, "'id' must be a string or a number"
+    common = {"source": source, "line": line, "answer_contains": tuple(answers), "id": None if ident is None else str(ident)}
+    if fmt == "text":
+        if not isinstance(record["text"], str):
+            return None, f"'text' must be a string, got {type(record['text']).__name__}"
+        if not record["text"].strip():
+            return None, "empty content in 'text'"
+        return TextSample(format=fmt, text=record["text"], **common), None
+    if fmt == "prompt_completion":
+        for key in ("prompt", "completion"):
+            if not isinstance(record[key], str):
+                return None, f"{key!r} must be a string, got {type(record[key]).__name__}"
+            if not record[key].strip():
+                return None, f"empty content in {key!r}"
+        return TextSample(format=fmt, prompt=record["prompt"], completion=record["completion"], **common), None
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        return None, "'messages' must be a non-empty list of {role, content} objects"
+    pairs = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return None, f"messages[{i}] must be an object with 'role' and 'content'"
+        extra = [k for k in message if k not in ("role", "content")]
+        if extra:
+            return None, f"messages[{i}]: unknown key {extra[0]!r} (allowed: role, content)"
+        if "role" not in message or "content" not in message:
+            return None, f"messages[{i}]: missing key {'role' if 'role' not in message else 'content'!r}"
+        role, content = message["role"], message["content"]
+        if role not in ROLES:
+            return None, f"messages[{i}]: unknown role {role!r} (allowed: {', '.join(ROLES)})"
+        if not isinstance(content, str):
+            return None, f"messages[{i}]: 'content' must be a string, got {type(content).__name__}"
+        if not content.strip():
+            return None, f"messages[{i}]: empty content"
+        pairs.append((role, content))
+    if not any(role == "assistant" for role, _ in pairs):
+        return None, "'messages' has no assistant message to learn from"
+    if pairs[0][0] == "assistant":
+        return None, "'messages' must start with a system or user message"
+    late_system = next((i for i, (role, _) in enumerate(pairs) if role == "system" and i > 0), None)
+    if late_system is not None:
+        return None, f"messages[{late_system}]: a system message may only come first"
+    return TextSample(format=fmt, messages=tuple(pairs), **common), None
+
+
+def read_jsonl(path: Path, fmt: str = "auto") -> tuple[list[TextSample], list[Problem], str | None]:
+    """Read one JSONL file. ``fmt='auto'`` detects the format from the first JSON object in the file.
+
+    :return: the good samples, a problem per bad line, and the format used (None if none could be decided).
+    """
+    source = str(path)
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        return [], [Problem(source, f"not UTF-8 text ({exc.reason} at byte {exc.start})")], None
+    decoded: list[tuple[int, Any]] = []
+    problems: list[Problem] = []
+    for number, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            decoded.append((number, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            problems.append(Problem(source, f"malformed JSON: {exc.msg} (column {exc.colno})", number))
+    chosen = None if fmt == "auto" else fmt
+    detected_at = None
+    if chosen is None:
+        for number, record in decoded:
+            if isinstance(record, dict) and (found := detect_format(record)):
+                chosen, detected_at = found, number
+                break
+    samples: list[TextSample] = []
+    for number, record in decoded:
+        if chosen is None:
+            keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
+            problems.append(
+                Problem(source, f"cannot tell the format from keys [{keys}]: expected text, prompt+completion or messages", number)
+            )
+            continue
+        sample, reason = parse_record(record, chosen, source, number)
+        if sample is None:
+            if detected_at is not None and isinstance(record, dict) and detect_format(record) not in (None, chosen):
+                reason += f"; the file's format is {chosen} (detected at line {detected_at}), set text.format to override"
+            problems.append(Problem(source, reason, number))
+        else:
+            samples.append(sample)
+    problems.sort(key=lambda p: p.line or 0)
+    return samples, problems, chosen
+
+
+def deduplicate(samples: Sequence[TextSample]) -> tuple[list[TextSample], dict[str, int], list[str]]:
+    """Drop exact duplicates (same content) and near-duplicates (same normalised content), keeping the first.
+
+    :return: kept samples, counts by reason, and one line per dropped sample naming the one it repeats.
+    """
+    kept: list[TextSample] = []
+    exact: dict[str, TextSample] = {}
+    near: dict[str, TextSample] = {}
+    counts = {"exact_duplicate": 0, "near_duplicate": 0}
+    notes: list[str] = []
+    for sample in samples:
+        content = sample.content()
+        key = normalise(content)
+        if content in exact:
+            counts["exact_duplicate"] += 1
+            notes.append(f"{sample.where}: exact duplicate of {exact[content].where}")
+        elif key in near:
+            counts["near_duplicate"] += 1
+            notes.append(f"{sample.where}: near-duplicate of {near[key].where}")
+        else:
+            exact[content] = sample
+            near[key] = sample
+            kept.append(sample)
+    return kept, {k: v for k, v in counts.items() if v}, notes
+
+
+def find_leakage(train: Sequence[TextSample], validation: Sequence[TextSample]) -> list[tuple[str, str]]:
+    """Held-out records whose normalised content also appears in train: ``(validation place, train place)``."""
+    seen = {}
+    for sample in train:
+        seen.setdefault(normalise(sample.content()), sample.where)
+    return [(s.where, seen[k]) for s in validation if (k := normalise(s.content())) in seen]
+
+
+def load_text_dataset(
+    path: Path, fmt: str = "auto", holdout: float = 0.1, seed: int = 0, drop_duplicates: bool = True
+) -> DatasetSplits:
+    """Read a dataset directory (``train.jsonl`` + ``validation.jsonl`` or ``test.jsonl``) or a single JSONL file.
+
+    With no held-out file, a deterministic ``holdout`` fraction of train is cut (recorded in ``details``).
+    """
+    path = Path(path)
+    details: dict[str, Any] = {}
+    warnings: list[str] = []
+    if path.is_file():
+        train_file, heldout_file = path, None
+    elif path.is_dir():
+        train_file = path / TRAIN_FILE if (path / TRAIN_FILE).is_file() else None
+        present = [path / name for name in HELDOUT_FILES if (path / name).is_file()]
+        heldout_file = present[0] if present else None
+        if len(present) > 1:
+            warnings.append(f"both {HELDOUT_FILES[0]} and {HELDOUT_FILES[1]} exist; using {present[0].name}")
+        if train_file is None and heldout_file is None:
+            found = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
+            raise DataError(f"{path}: expected {TRAIN_FILE} (and optionally validation.jsonl or test.jsonl); found {found}")
+    else:
+        raise DataError(f"{path}: not a file or directory")
+
+    files: list[Path] = []
+    problems: list[Problem] = []
+    formats: dict[str, str | None] = {}
+    train: list[TextSample] = []
+    validation: list[TextSample] = []
+    for split, file in (("train", train_file), ("validation", heldout_file)):
+        if file is None:
+            continue
+        samples, bad, used = read_jsonl(file, fmt)
+        files.append(file)
+        formats[file.name] = used
+        problems.extend(Problem(p.file, p.reason, p.line, split) for p in bad)
+        (train if split == "train" else validation).extend(samples)
+    details["formats"] = formats
+
+    dropped: dict[str, int] = {}
+    if drop_duplicates:
+        train, counts, notes = deduplicate(train)
+        for reason, count in counts.items():
+            dropped[reason] = dropped.get(reason, 0) + count
+        if notes:
+            warnings.append(f"dropped {len(notes)} duplicate training record(s), first: {notes[0]}")
+            details["duplicates"] = notes[:LEAKAGE_SHOWN]
+
+    if heldout_file is None and train:
+        train, validation, indices = deterministic_holdout(train, holdout, seed)
+        details["holdout"] = {
+            "fraction": holdout,
+            "seed": seed,
+            "count": len(validation),
+            "records": [s.where for s in validation],
+        }
+        if len(indices) == 0:
+            warnings.append("too few training records to cut a held-out split; evaluation is skipped")
+    elif heldout_file is not None:
+        details["validation_file"] = heldout_file.name
+
+    leaks = find_leakage(train, validation)
+    if leaks:
+        shown = "; ".join(f"{v} = {t}" for v, t in leaks[:3])
+        warnings.append(f"{len(leaks)} held-out record(s) also appear in train (leakage): {shown}")
+        details["leakage"] = {"count": len(leaks), "pairs": [list(p) for p in leaks[:LEAKAGE_SHOWN]]}
+    return DatasetSplits(
+        train=train,
+        validation=validation,
+        files=files,
+        problems=problems,
+        dropped=dropped,
+        warnings=warnings,
+        details=details,
+    )
