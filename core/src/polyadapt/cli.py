@@ -96,6 +96,10 @@ def adapt(config: Path, overrides: tuple[str, ...], resume: bool, overwrite: boo
 
     cfg = load_config(config, overrides)
     run_dir = run_adapt(cfg, resume=resume, overwrite=overwrite)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return
     report = json.loads((run_dir / "report.json").read_text())
     _print_metrics(report)
     click.echo(f"run: {run_dir}  (report: {run_dir / 'report.html'})")

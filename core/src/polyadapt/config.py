@@ -16,6 +16,7 @@ Relative paths are taken from the current working directory.
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -113,6 +114,8 @@ class EvalConfig(Section):
     )
 
 
+SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
 CORE_KEYS = ("modality", "base", "base_revision", "trust_remote_code", "data", "output", "peft", "train", "eval")
 
 
@@ -188,6 +191,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
             parsed = yaml.safe_load(value) if value != "" else ""
         except yaml.YAMLError:
             parsed = value
+        if isinstance(parsed, str) and SCIENTIFIC.match(parsed):
+            parsed = float(parsed)  # YAML 1.1 reads 1e-3 as a string
         parts = key.strip().split(".")
         node = data
         for i, part in enumerate(parts[:-1]):
@@ -218,11 +223,22 @@ def _public_keys(model: type[BaseModel]) -> list[str]:
     return [name for name, f in model.model_fields.items() if not f.exclude]
 
 
+UNION_TAGS = ("int", "float", "str", "bool", "none", "list", "dict")
+
+
+def _is_union_tag(part: str) -> bool:
+    return "[" in part or part in UNION_TAGS
+
+
 def format_validation_error(error: ValidationError, model: type[BaseModel], prefix: str = "") -> list[str]:
-    """One line per problem: the dotted key, the offending value and what is allowed."""
-    lines = []
+    """One line per problem: the dotted key, the offending value and what is allowed.
+
+    The alternatives of a union (``'auto'`` or a list) are merged into one line for their key.
+    """
+    lines: list[str] = []
+    merged: dict[str, int] = {}
     for item in error.errors():
-        loc = tuple(str(p) for p in item["loc"])
+        loc = tuple(str(p) for p in item["loc"] if not _is_union_tag(str(p)))
         key = ".".join((prefix, *loc) if prefix else loc) if loc else prefix or "(top level)"
         if item["type"] == "extra_forbidden":
             parent = _model_at(model, loc[:-1])
@@ -230,14 +246,15 @@ def format_validation_error(error: ValidationError, model: type[BaseModel], pref
             lines.append(f"{key}: unknown key; valid keys here: {valid}")
         elif item["type"] == "missing":
             lines.append(f"{key}: required key is missing")
+        elif item["msg"].startswith("Value error, "):
+            lines.append(f"{key}: {item['msg'][len('Value error, '):]}")
+        elif key in merged:
+            lines[merged[key]] += f", or {item['msg'][0].lower()}{item['msg'][1:]}"
         else:
-            msg = item["msg"]
-            if msg.startswith("Value error, "):
-                lines.append(f"{key}: {msg[len('Value error, '):]}")
-                continue
             value = item.get("input")
             shown = repr(value) if not isinstance(value, dict) else "a mapping"
-            lines.append(f"{key}: {shown} is invalid: {msg}")
+            merged[key] = len(lines)
+            lines.append(f"{key}: {shown} is invalid: {item['msg']}")
     return lines
 
 

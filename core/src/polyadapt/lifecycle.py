@@ -91,7 +91,11 @@ def make_accelerator(config: AdaptConfig, run_dir: Path) -> Any:
     kwargs: dict[str, Any] = {}
     if config.train.trackers:
         kwargs = {"log_with": list(config.train.trackers), "project_dir": str(run_dir / "logs")}
-    return Accelerator(mixed_precision=resolve_precision(config.train.precision), **kwargs)
+    import torch
+
+    # Without CUDA, accelerate only forms a process group (gloo) when told it runs on CPU.
+    cpu = not torch.cuda.is_available()
+    return Accelerator(mixed_precision=resolve_precision(config.train.precision), cpu=cpu, **kwargs)
 
 
 def measure(
