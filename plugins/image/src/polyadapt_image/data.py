@@ -1,0 +1,223 @@
+"""Reading and validating an image-caption dataset in the Hugging Face ``imagefolder`` layout.
+
+::
+
+    dataset/
+      train/metadata.jsonl      {"file_name": "lighthouse-01.png", "text": "a lighthouse at dusk"}   one per line
+      train/lighthouse-01.png
+      test/metadata.jsonl       the held-out split (``validation/`` also accepted); optional
+      test/...
+
+Without a held-out directory, ``data.holdout`` of ``train`` is cut off deterministically (seeded by ``train.seed``).
+A directory holding ``metadata.jsonl`` directly is read as a single ``train`` split.
+
+Every sample is checked before any model loads, so ``polyadapt doctor`` lists every bad one with its file and reason:
+bad JSON line, missing ``file_name`` or caption, a path escaping the dataset root, a missing or zero-size file, a file
+that is not an image, a pixel count above ``image.max_image_pixels`` (decompression bombs), a truncated or corrupt
+image. Files are only read, never changed or deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from polyadapt.data import Problem, deterministic_holdout, resolve_inside
+from polyadapt.errors import DataError
+from polyadapt.modality import DatasetSplits
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from polyadapt.config import AdaptConfig
+
+METADATA = "metadata.jsonl"
+TRAIN_DIRS = ("train",)
+HELDOUT_DIRS = ("test", "validation")
+
+
+@dataclass(frozen=True)
+class ImageSample:
+    """One valid image with its caption (trigger already applied). ``key`` is its path relative to the dataset."""
+
+    path: Path
+    caption: str
+    key: str
+
+
+def apply_trigger(caption: str, trigger: str | None, position: str = "suffix") -> str:
+    """The caption the model trains on: ``"<caption>, <trigger>"`` (or ``"<trigger>, <caption>"`` with position
+    ``prefix``), unless the caption already contains the trigger (case-insensitive), in which case it is unchanged."""
+    caption = caption.strip()
+    if not trigger or trigger.lower() in caption.lower():
+        return caption
+    return f"{trigger}, {caption}" if position == "prefix" else f"{caption}, {trigger}"
+
+
+def check_image(path: Path, max_pixels: int) -> str | None:
+    """Why ``path`` cannot be used as an image, or None when it decodes completely."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "file not found"
+    except OSError as exc:
+        return f"cannot read file: {exc.strerror}"
+    if not path.is_file():
+        return "not a regular file"
+    if size == 0:
+        return "zero-size file"
+    with warnings.catch_warnings():
+        # Pillow warns (and past 2x its limit refuses) on huge images; our own limit below is the one that counts.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    return (
+                        f"image is {width}x{height} = {width * height} pixels, above image.max_image_pixels "
+                        f"({max_pixels}); refusing to decode (decompression-bomb guard)"
+                    )
+                if width == 0 or height == 0:
+                    return f"image has zero width or height ({width}x{height})"
+                image.load()
+        except Image.DecompressionBombError as exc:
+            return f"refusing to decode (decompression-bomb guard): {exc}"
+        except UnidentifiedImageError:
+            return "not an image (Pillow cannot identify the format)"
+        except (OSError, SyntaxError, ValueError) as exc:
+            return f"truncated or corrupt image: {exc}"
+    return None
+
+
+def read_split(root: Path, directory: Path, split: str, settings: Any) -> tuple[list[ImageSample], list[Problem], list[Path]]:
+    """Samples, problems and files of one split directory (which holds ``metadata.jsonl``)."""
+    metadata = directory / METADATA
+    shown = _shown(root, metadata)
+    samples: list[ImageSample] = []
+    problems: list[Problem] = []
+    files = [metadata]
+    try:
+        lines = metadata.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        return [], [Problem(shown, f"not UTF-8 text: {exc.reason}", split=split)], files
+    seen: set[str] = set()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problems.append(Problem(shown, f"invalid JSON: {exc.msg}", line=number, split=split))
+            continue
+        if not isinstance(record, dict):
+            problems.append(Problem(shown, "expected a JSON object with file_name and text", line=number, split=split))
+            continue
+        name = record.get("file_name")
+        if not isinstance(name, str) or not name.strip():
+            problems.append(Problem(shown, "missing 'file_name'", line=number, split=split))
+            continue
+        target = resolve_inside(directory, name)
+        where = _shown(root, directory / name)
+        if target is None:
+            problems.append(Problem(where, f"file_name {name!r} escapes the dataset directory", line=number, split=split))
+            continue
+        caption = record.get(settings.caption_column)
+        if not isinstance(caption, str) or not caption.strip():
+            problems.append(
+                Problem(where, f"missing caption (key {settings.caption_column!r} in {shown})", line=number, split=split)
+            )
+            continue
+        reason = check_image(target, settings.max_image_pixels)
+        if reason is not None:
+            problems.append(Problem(where, reason, line=number, split=split))
+            continue
+        key = _shown(root, target)
+        if key in seen:
+            problems.append(Problem(where, f"listed twice in {shown}", line=number, split=split))
+            continue
+        seen.add(key)
+        files.append(target)
+        samples.append(ImageSample(target, apply_trigger(caption, settings.trigger, settings.trigger_position), key))
+    return samples, problems, files
+
+
+def load_dataset(config: AdaptConfig, path: Path) -> DatasetSplits:
+    """The dataset at ``path`` as :class:`DatasetSplits` of :class:`ImageSample` (see the module docstring)."""
+    settings = config.settings
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"data.path: {root} is not a directory (expected train/{METADATA} and test/{METADATA})")
+    train_dir = next((root / d for d in TRAIN_DIRS if (root / d / METADATA).is_file()), None)
+    held_dir = next((root / d for d in HELDOUT_DIRS if (root / d / METADATA).is_file()), None)
+    if train_dir is None and held_dir is None:
+        if not (root / METADATA).is_file():
+            raise DataError(
+                f"data.path: {root} holds no {METADATA} (expected train/{METADATA}, optionally test/{METADATA})"
+            )
+        train_dir = root
+    problems: list[Problem] = []
+    files: list[Path] = []
+    train: list[ImageSample] = []
+    held: list[ImageSample] = []
+    if train_dir is not None:
+        train, found, used = read_split(root, train_dir, "train", settings)
+        problems += found
+        files += used
+    details: dict[str, Any] = {"layout": "imagefolder", "trigger": settings.trigger, "trigger_rule": _rule(settings)}
+    if held_dir is not None:
+        held, found, used = read_split(root, held_dir, held_dir.name, settings)
+        problems += found
+        files += used
+        details["holdout"] = f"{held_dir.name}/ directory"
+    else:
+        train, held, indices = deterministic_holdout(train, config.data.holdout, config.train.seed)
+        details["holdout"] = f"{len(indices)} of train cut off (data.holdout={config.data.holdout}, seed={config.train.seed})"
+        details["holdout_files"] = [s.key for s in held]
+    return DatasetSplits(train=train, validation=held, files=files, problems=problems, details=details)
+
+
+def load_image(path: Path, resolution: int, center_crop: bool, rng: Any = None, flip: bool = False) -> Image.Image:
+    """RGB, shorter side resized to ``resolution``, then a center crop (or a random one drawn from ``rng``)."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("P", "LA", "RGBA", "PA") or "transparency" in image.info:
+            # flatten transparency onto white rather than letting it turn black
+            rgba = image.convert("RGBA")
+            canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(canvas, rgba)
+        image = image.convert("RGB")
+    width, height = image.size
+    scale = resolution / min(width, height)
+    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    image = image.resize(size, Image.Resampling.BICUBIC)
+    extra_x, extra_y = size[0] - resolution, size[1] - resolution
+    if center_crop or rng is None:
+        left, top = extra_x // 2, extra_y // 2
+    else:
+        left, top = rng.randint(0, extra_x), rng.randint(0, extra_y)
+    image = image.crop((left, top, left + resolution, top + resolution))
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image
+
+
+def _rule(settings: Any) -> str:
+    if not settings.trigger:
+        return "captions used as written (no image.trigger)"
+    order = "'<trigger>, <caption>'" if settings.trigger_position == "prefix" else "'<caption>, <trigger>'"
+    return f"{order} unless the caption already contains the trigger"
+
+
+def _shown(root: Path, path: Path) -> str:
+    """``path`` as the user knows it: under the dataset path exactly as the config spelled it."""
+    for base in (root, root.resolve()):
+        try:
+            return str(root / path.relative_to(base))
+        except ValueError:
+            continue
+    return str(path)

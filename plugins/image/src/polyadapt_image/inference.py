@@ -1,0 +1,82 @@
+"""``polyadapt infer RUN --prompt ... --n 4 --seed 0 --out DIR [--scale S] [--adapter OTHER_RUN:WEIGHT ...]``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from polyadapt.errors import ConfigError
+
+if TYPE_CHECKING:
+    import click
+
+    from polyadapt.modality import ModelBundle, RunContext
+
+
+def infer_params() -> list[click.Parameter]:
+    import click
+
+    return [
+        click.Option(["--prompt"], required=True, help="Text prompt (include the run's trigger phrase for its style)."),
+        click.Option(["--n"], type=click.IntRange(min=1), default=4, show_default=True, help="Images to generate."),
+        click.Option(["--seed"], type=int, default=0, show_default=True, help="Seed of the first image (then +1 each)."),
+        click.Option(["--out"], type=click.Path(file_okay=False, path_type=Path), required=True, help="Directory for PNGs."),
+        click.Option(["--scale"], type=float, default=1.0, show_default=True, help="Strength of this run's LoRA."),
+        click.Option(
+            ["--adapter"], multiple=True, metavar="RUN:WEIGHT",
+            help="Also apply another image run's LoRA with this weight (repeatable).",
+        ),  # fmt: skip
+        click.Option(["--steps"], type=click.IntRange(min=1), default=None, help="Sampler steps (default: the run's)."),
+        click.Option(["--guidance"], type=float, default=None, help="Guidance scale (default: the run's)."),
+    ]
+
+
+def parse_adapter(value: str) -> tuple[Path, float]:
+    """``RUN:WEIGHT`` (weight optional, default 1.0) -> (run directory, weight)."""
+    path, sep, weight = value.rpartition(":")
+    if not sep:
+        return Path(value), 1.0
+    try:
+        return Path(path), float(weight)
+    except ValueError:
+        return Path(value), 1.0
+
+
+def combine_adapters(bundle: ModelBundle, scale: float, others: list[tuple[Path, float]]) -> list[str]:
+    """Load other runs' LoRAs next to this run's and weight them all (diffusers ``set_adapters``)."""
+    from .model import ADAPTER_NAME, load_lora
+
+    pipe = bundle.components["pipeline"]
+    names, weights = [ADAPTER_NAME], [scale]
+    for i, (run, weight) in enumerate(others):
+        if not (run / "pytorch_lora_weights.safetensors").is_file():
+            raise ConfigError(f"--adapter {run}: no pytorch_lora_weights.safetensors there (is it an image run?)")
+        name = f"adapter_{i + 1}"
+        load_lora(bundle, run, adapter_name=name)
+        names.append(name)
+        weights.append(weight)
+    pipe.set_adapters(names, adapter_weights=weights)
+    return [f"{n}={w:g}" for n, w in zip(names, weights, strict=True)]
+
+
+def infer(bundle: ModelBundle, ctx: RunContext, options: dict[str, Any]) -> list[str]:
+    """Generate ``--n`` images for ``--prompt`` with seeds ``--seed``, ``--seed + 1``...; write them as PNGs."""
+    from .model import generate
+
+    settings = ctx.settings
+    others = [parse_adapter(v) for v in options.get("adapter") or ()]
+    active = combine_adapters(bundle, options.get("scale", 1.0), others)
+    n, seed = options["n"], options["seed"]
+    images = generate(
+        bundle, [options["prompt"]] * n, list(range(seed, seed + n)), settings.resolution,
+        options.get("steps") or settings.num_inference_steps,
+        settings.guidance_scale if options.get("guidance") is None else options["guidance"],
+    )  # fmt: skip
+    out = Path(options["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"adapters: {', '.join(active)}"]
+    for i, image in enumerate(images):
+        path = out / f"{seed + i:04d}.png"
+        image.save(path)
+        lines.append(str(path))
+    return lines

@@ -1,0 +1,243 @@
+"""Loading diffusers pipelines, attaching LoRA to the denoiser, saving and loading LoRA files, generating images.
+
+``bundle.model`` is the denoiser (the UNet). ``bundle.components`` holds the whole ``pipeline`` (whose ``unet`` is
+that same module), the frozen ``vae`` and ``text_encoders``, the training ``noise_scheduler`` and the ``denoiser``
+strategy (:mod:`polyadapt_image.denoisers`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from polyadapt.errors import ConfigError
+from polyadapt.modality import ModelBundle
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from polyadapt.config import PeftSection
+    from polyadapt.modality import RunContext
+
+#: the attention projections of diffusers' ``Attention`` blocks, the usual LoRA targets for style
+DEFAULT_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+#: the CLIP text encoder's attention projections, for the optional text-encoder LoRA
+DEFAULT_TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+#: the adapter name polyadapt trains under (and loads a run's LoRA under)
+ADAPTER_NAME = "default"
+
+
+def load_pipeline(ctx: RunContext) -> Any:
+    """The diffusers pipeline at ``ctx.base`` (local directory or hub id), safetensors weights only."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    location = str(ctx.base.path) if ctx.base.path is not None else ctx.base.hub_id
+    if ctx.base.path is not None and not (ctx.base.path / "model_index.json").is_file():
+        raise ConfigError(f"base: {location} is not a diffusers pipeline directory (no model_index.json)")
+    try:
+        pipe = DiffusionPipeline.from_pretrained(
+            location,
+            revision=ctx.config.base_revision,
+            trust_remote_code=ctx.config.trust_remote_code,
+            use_safetensors=True,
+            dtype=torch.float32,
+        )
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise ConfigError(f"base: cannot load a diffusers pipeline from {location!r}: {exc}") from exc
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_base(ctx: RunContext) -> ModelBundle:
+    """Load the pipeline and split it into the trained denoiser and frozen components (see the module docstring)."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from .denoisers import denoiser_for, supported_pipelines
+
+    settings = ctx.settings
+    pipe = load_pipeline(ctx)
+    prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
+    if settings is not None and settings.prediction_type != "auto":
+        prediction = settings.prediction_type
+    strategy = denoiser_for(pipe, prediction)
+    if strategy is None:
+        raise ConfigError(
+            f"base: {ctx.base.location} is a {type(pipe).__name__}; the image modality supports "
+            f"{', '.join(supported_pipelines())}"
+        )
+    # the training objective is DDPM's whatever sampler the pipeline ships with; the sampler stays for generation
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction)
+    if prediction != pipe.scheduler.config.get("prediction_type"):
+        pipe.scheduler.register_to_config(prediction_type=prediction)
+    encoders = [getattr(pipe, name) for name in strategy.text_encoders]
+    frozen_dtype = ctx.dtype if ctx.device.type == "cuda" else torch.float32
+    for encoder in encoders:
+        encoder.requires_grad_(False).eval().to(ctx.device)
+        if frozen_dtype != torch.float32:
+            encoder.to(frozen_dtype)
+    # the VAE stays in fp32 (loaded so): SD-family VAEs overflow in fp16, and it runs once per image when cached
+    pipe.vae.requires_grad_(False).eval().to(ctx.device)
+    pipe.unet.requires_grad_(False)
+    info = {
+        "pipeline": type(pipe).__name__,
+        "denoiser": type(pipe.unet).__name__,
+        "prediction_type": prediction,
+        "vae_scale_factor": int(2 ** (len(pipe.vae.config.block_out_channels) - 1)),
+        "sample_size": int(pipe.unet.config.sample_size) if isinstance(pipe.unet.config.sample_size, int) else None,
+    }
+    tokenizers = [getattr(pipe, name) for name in strategy.tokenizers]
+    return ModelBundle(
+        model=pipe.unet,
+        processor=tokenizers[0],
+        components={
+            "pipeline": pipe,
+            "vae": pipe.vae,
+            "text_encoders": encoders,
+            "noise_scheduler": noise_scheduler,
+            "denoiser": strategy,
+            "settings": settings,
+        },
+        info=info,
+    )
+
+
+def default_targets(unet: torch.nn.Module) -> list[str]:
+    """The attention projections (``to_q``, ``to_k``, ``to_v``, ``to_out.0``) that exist in ``unet``."""
+    names = {name for name, _ in unet.named_modules()}
+    found = [t for t in DEFAULT_UNET_TARGETS if any(n == t or n.endswith("." + t) for n in names)]
+    if not found:
+        raise ConfigError("peft.target_modules: the denoiser has no attention projections (to_q/to_k/to_v/to_out.0)")
+    return found
+
+
+def lora_config(section: PeftSection, targets: list[str]) -> Any:
+    """peft ``LoraConfig`` for the denoiser or a text encoder (LoRA and DoRA are what diffusers can load back)."""
+    from peft import LoraConfig
+
+    if section.method not in ("lora", "dora"):
+        raise ConfigError(f"peft.method: {section.method!r} is not supported by the image modality (use lora or dora)")
+    return LoraConfig(
+        r=section.r,
+        lora_alpha=section.alpha,
+        lora_dropout=section.dropout,
+        target_modules=targets,
+        init_lora_weights=section.init_weights,
+        use_dora=section.method == "dora",
+    )
+
+
+def attach_lora(bundle: ModelBundle, section: PeftSection, targets: list[str], train_text_encoder: bool) -> None:
+    """Inject LoRA layers in place (diffusers' ``add_adapter``); only LoRA parameters stay trainable."""
+    unet_of(bundle).add_adapter(lora_config(section, targets), adapter_name=ADAPTER_NAME)
+    if train_text_encoder:
+        for encoder in bundle.components["text_encoders"]:
+            encoder.add_adapter(lora_config(section, DEFAULT_TEXT_TARGETS), adapter_name=ADAPTER_NAME)
+            for name, param in encoder.named_parameters():
+                param.requires_grad_("lora_" in name)
+
+
+class DenoiserWithTextEncoders(torch.nn.Module):
+    """The denoiser and the text encoders as one trainable module (text-encoder LoRA), called like the denoiser."""
+
+    def __init__(self, denoiser: Any, text_encoders: list[Any]):
+        super().__init__()
+        self.denoiser = denoiser
+        self.text_encoders = torch.nn.ModuleList(text_encoders)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.denoiser(*args, **kwargs)
+
+
+def has_adapter(bundle: ModelBundle) -> bool:
+    """Whether the bundle's denoiser carries a LoRA adapter (trained or loaded)."""
+    return bool(getattr(unet_of(bundle), "peft_config", None))
+
+
+def unet_of(bundle: ModelBundle) -> Any:
+    """The denoiser module, also when text-encoder LoRA wraps it together with the text encoders."""
+    return getattr(bundle.model, "denoiser", bundle.model)
+
+
+def _adapter_state(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    config = getattr(module, "peft_config", {}).get(ADAPTER_NAME)
+    if config is None:
+        return None
+    state = get_peft_model_state_dict(module, adapter_name=ADAPTER_NAME)
+    state = {k: v.detach().to("cpu").float().contiguous() for k, v in convert_state_dict_to_diffusers(state).items()}
+    metadata = json.loads(json.dumps(config.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+    return state, metadata
+
+
+def save_lora(bundle: ModelBundle, directory: Path) -> list[Path]:
+    """Write the trained LoRA in the pipeline class's diffusers layout, loadable by ``pipe.load_lora_weights(dir)``."""
+    strategy = bundle.components["denoiser"]
+    layers, metadata = {}, {}
+    parts = [("unet", unet_of(bundle))] + [
+        (name, encoder) for name, encoder in zip(strategy.text_encoders, bundle.components["text_encoders"], strict=True)
+    ]
+    for component, module in parts:
+        found = _adapter_state(module)
+        if found is not None:
+            layers[component], metadata[component] = found
+    directory.mkdir(parents=True, exist_ok=True)
+    strategy.save_lora(str(directory), layers, metadata)
+    return sorted(directory.glob("pytorch_lora_weights*.safetensors"))
+
+
+def load_lora(bundle: ModelBundle, directory: Path, adapter_name: str = ADAPTER_NAME) -> None:
+    """Load a LoRA saved by :func:`save_lora` (or any diffusers/kohya LoRA file) into the bundle's pipeline."""
+    directory = Path(directory)
+    weights = directory / "pytorch_lora_weights.safetensors"
+    if not weights.is_file():
+        raise ConfigError(f"{directory} holds no pytorch_lora_weights.safetensors")
+    pipe = bundle.components["pipeline"]
+    pipe.load_lora_weights(str(directory), weight_name=weights.name, adapter_name=adapter_name)
+    # the pipeline owns the module bundle.model points at, so the adapter is already attached to bundle.model
+    bundle.model = pipe.unet
+
+
+def generate(
+    bundle: ModelBundle,
+    prompts: list[str],
+    seeds: list[int],
+    resolution: int,
+    steps: int,
+    guidance: float,
+    lora_scale: float | None = None,
+) -> list[Image.Image]:
+    """One image per (prompt, seed) pair, in that order, with the bundle's current denoiser (LoRA included)."""
+    import torch
+
+    pipe = bundle.components["pipeline"]
+    unet = unet_of(bundle)
+    pipe.unet = unet
+    was_training = bundle.model.training
+    bundle.model.eval()
+    images = []
+    extra = {"cross_attention_kwargs": {"scale": lora_scale}} if lora_scale is not None else {}
+    try:
+        with torch.no_grad():
+            for prompt, seed in zip(prompts, seeds, strict=True):
+                generator = torch.Generator(device="cpu").manual_seed(seed)
+                out = pipe(
+                    prompt,
+                    height=resolution,
+                    width=resolution,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    generator=generator,
+                    **extra,
+                )
+                images.append(out.images[0])
+    finally:
+        if was_training:
+            bundle.model.train()
+    return images
