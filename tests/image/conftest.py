@@ -73,11 +73,11 @@ def dataset(tmp_path) -> Path:
 def make_config(tmp_path, tiny_base, dataset):
     """Write a config file for a tiny run; keyword arguments override sections (merged one level deep)."""
 
-    def make(base: Path | None = None, data: Path | None = None, **sections) -> Path:
+    def make(**sections) -> Path:
         raw = {
             "modality": "image",
-            "base": str(base or tiny_base),
-            "data": {"path": str(data or dataset)},
+            "base": str(tiny_base),
+            "data": {"path": str(dataset)},
             "output": str(tmp_path / "run"),
             "peft": {"r": 4, "alpha": 4, "dropout": 0.0},
             "train": {"max_steps": 4, "batch_size": 4, "lr": 1e-3, "precision": "fp32", "scheduler": "constant"},
@@ -94,7 +94,7 @@ def make_config(tmp_path, tiny_base, dataset):
             if isinstance(value, dict) and isinstance(raw.get(key), dict):
                 raw[key] = {**raw[key], **value}
             else:
-                raw[key] = value
+                raw[key] = str(value) if isinstance(value, Path) else value
         path = tmp_path / f"config-{len(list(tmp_path.glob('config-*.yaml')))}.yaml"
         path.write_text(yaml.safe_dump(raw))
         return path
