@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check core plugins tests benchmarks
 
 demo: $(STAMP)
-	$(PY) -m polyadapt.demo
+	$(PY) examples/demo.py
 
 bench: $(STAMP)
 	for script in benchmarks/*_throughput.py; do $(PY) $$script || exit 1; done

@@ -1,0 +1,61 @@
+"""`make demo`: adapt every installed modality offline on sample_data/ and print one before/after table.
+
+Each modality's demo config is examples/<modality>.yaml; its run directory is replaced on every demo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+ORDER = ("text", "speech", "image")
+
+
+def main(argv: list[str]) -> int:
+    import polyadapt
+    from polyadapt.plugins import get_plugin_manager
+
+    os.chdir(ROOT)
+    wanted = argv or list(ORDER)
+    installed = get_plugin_manager().modalities
+    rows, failures = [], []
+    for name in wanted:
+        config = ROOT / "examples" / f"{name}.yaml"
+        if name not in installed or not config.exists():
+            print(f"== {name}: skipped ({'not installed' if name not in installed else 'no demo config'})")
+            continue
+        print(f"== {name}: adapting ({config.relative_to(ROOT)})", flush=True)
+        started = time.perf_counter()
+        try:
+            run_dir = polyadapt.adapt(config, overwrite=True)
+        except polyadapt.PolyadaptError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            failures.append(name)
+            continue
+        seconds = time.perf_counter() - started
+        report = json.loads((run_dir / "report.json").read_text())
+        for row in report["metrics"]:
+            rows.append((name, row, seconds, run_dir))
+    if rows:
+        print()
+        print(f"{'modality':<8}  {'metric':<24}  {'before':>10}  {'after':>10}  {'':<6}  run")
+        for name, row, seconds, run_dir in rows:
+            before = "-" if row["before"] is None else f"{row['before']:.4f}"
+            verdict = "" if "improved" not in row else ("better" if row["improved"] else "worse")
+            print(f"{name:<8}  {row['metric']:<24}  {before:>10}  {row['after']:>10.4f}  {verdict:<6}  {run_dir}/report.html")
+        print()
+        for name in dict.fromkeys(r[0] for r in rows):
+            seconds = next(r[2] for r in rows if r[0] == name)
+            print(f"{name}: adapted in {seconds:.0f} s")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
