@@ -46,10 +46,12 @@ def main(argv: list[str]) -> int:
     if rows:
         print()
         print(f"{'modality':<8}  {'metric':<24}  {'before':>10}  {'after':>10}  {'':<6}  run")
-        for name, row, seconds, run_dir in rows:
+        for name, row, _, run_dir in rows:
             before = "-" if row["before"] is None else f"{row['before']:.4f}"
             verdict = "" if "improved" not in row else ("better" if row["improved"] else "worse")
-            print(f"{name:<8}  {row['metric']:<24}  {before:>10}  {row['after']:>10.4f}  {verdict:<6}  {run_dir}/report.html")
+            print(
+                f"{name:<8}  {row['metric']:<24}  {before:>10}  {row['after']:>10.4f}  {verdict:<6}  {run_dir}/report.html"
+            )
         print()
         for name in dict.fromkeys(r[0] for r in rows):
             seconds = next(r[2] for r in rows if r[0] == name)

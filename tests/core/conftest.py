@@ -69,5 +69,7 @@ def run_cli(*args: str, env: dict | None = None, check: bool = False) -> subproc
         [sys.executable, "-m", "polyadapt", *args], capture_output=True, text=True, env=full_env, timeout=600
     )
     if check and result.returncode != 0:
-        raise AssertionError(f"polyadapt {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(
+            f"polyadapt {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
     return result

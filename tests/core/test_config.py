@@ -28,7 +28,11 @@ def test_a_valid_config_loads_with_defaults_and_the_modality_section(raw):
     "path,value,expected",
     [
         ("train.lr", -1, "train.lr: -1 is invalid: Input should be greater than 0"),
-        ("train.precision", "fp8", "train.precision: 'fp8' is invalid: Input should be 'auto', 'fp32', 'bf16' or 'fp16'"),
+        (
+            "train.precision",
+            "fp8",
+            "train.precision: 'fp8' is invalid: Input should be 'auto', 'fp32', 'bf16' or 'fp16'",
+        ),
         ("peft.method", "adalora", "peft.method: 'adalora' is invalid"),
         ("peft.r", 0, "peft.r: 0 is invalid"),
         ("train.batch_size", "eight", "train.batch_size: 'eight' is invalid"),

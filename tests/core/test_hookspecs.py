@@ -10,11 +10,7 @@ import pytest
 from polyadapt import hookspecs
 
 README = Path(__file__).parents[2] / "README.md"
-HOOKS = [
-    (name, fn)
-    for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)
-    if hasattr(fn, "polyadapt_spec")
-]
+HOOKS = [(name, fn) for name, fn in inspect.getmembers(hookspecs, inspect.isfunction) if hasattr(fn, "polyadapt_spec")]
 
 
 def test_there_are_hooks_for_every_extension_point():

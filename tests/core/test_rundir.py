@@ -24,7 +24,14 @@ def finished(toy_config):
 
 def test_run_directory_layout(finished):
     _, run_dir = finished
-    for name in ("adapter_model.safetensors", "adapter_config.json", "metrics.jsonl", "report.json", "report.html", "polyadapt.json"):
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "metrics.jsonl",
+        "report.json",
+        "report.html",
+        "polyadapt.json",
+    ):
         assert (run_dir / name).is_file(), name
     html = (run_dir / "report.html").read_text()
     assert "<svg" in html and "Held-out metrics, before vs after" in html and "Toy predictions" in html
@@ -39,7 +46,10 @@ def test_manifest_records_lineage_and_its_hashes_match_the_files(finished, tmp_p
     assert m["plugins"]["toy"]["version"] == "0.1.0"
     assert m["base"]["weights_sha256"]["model.safetensors"] == sha256(tmp_path / "base" / "model.safetensors")
     files = m["data"]["fingerprint"]["files"]
-    assert files == {"train.jsonl": sha256(tmp_path / "data" / "train.jsonl"), "validation.jsonl": sha256(tmp_path / "data" / "validation.jsonl")}
+    assert files == {
+        "train.jsonl": sha256(tmp_path / "data" / "train.jsonl"),
+        "validation.jsonl": sha256(tmp_path / "data" / "validation.jsonl"),
+    }
     combined = hashlib.sha256("".join(f"{n}\0{files[n]}\n" for n in sorted(files)).encode()).hexdigest()
     assert m["data"]["fingerprint"]["sha256"] == combined
     assert m["data"]["counts"] == {"train": 64, "validation": 16}
@@ -103,5 +113,7 @@ def test_holdout_is_cut_deterministically_and_recorded(toy_config, tmp_path):
     run_dir = polyadapt.adapt(toy_config(train={"max_steps": 2}, data={"holdout": 0.25}))
     details = read_manifest(run_dir)["data"]["details"]["holdout"]
     assert details["fraction"] == 0.25 and len(details["indices"]) == 16
-    again = polyadapt.adapt(toy_config("again.yaml", output=str(tmp_path / "again"), train={"max_steps": 2}, data={"holdout": 0.25}))
+    again = polyadapt.adapt(
+        toy_config("again.yaml", output=str(tmp_path / "again"), train={"max_steps": 2}, data={"holdout": 0.25})
+    )
     assert read_manifest(again)["data"]["details"]["holdout"]["indices"] == details["indices"]

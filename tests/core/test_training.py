@@ -85,7 +85,9 @@ def test_gradient_accumulation_matches_a_larger_batch(toy_config, tmp_path):
     # No dropout, no clipping: two micro-batches of 4 must give the update of one batch of 8.
     common = {"max_steps": 3, "max_grad_norm": None, "scheduler": "constant"}
     peft = {"dropout": 0.0}
-    one = polyadapt.adapt(toy_config("a.yaml", output=str(tmp_path / "a"), peft=peft, train={**common, "batch_size": 8}))
+    one = polyadapt.adapt(
+        toy_config("a.yaml", output=str(tmp_path / "a"), peft=peft, train={**common, "batch_size": 8})
+    )
     two = polyadapt.adapt(
         toy_config("b.yaml", output=str(tmp_path / "b"), peft=peft, train={**common, "batch_size": 4, "grad_accum": 2})
     )
@@ -100,7 +102,9 @@ def test_gradient_accumulation_matches_a_larger_batch(toy_config, tmp_path):
 
 def test_early_stopping_stops_and_keeps_the_best_adapter(toy_config, tmp_path):
     # A learning rate this large diverges from the optimum after a few steps; patience 2 must stop the run.
-    config = toy_config(train={"max_steps": 60, "lr": 3.0, "eval_every": 2, "early_stopping_patience": 2, "scheduler": "constant"})
+    config = toy_config(
+        train={"max_steps": 60, "lr": 3.0, "eval_every": 2, "early_stopping_patience": 2, "scheduler": "constant"}
+    )
     run_dir = polyadapt.adapt(config)
     training = read_manifest(run_dir)["training"]
     assert training["stopped_early"] and training["steps"] < 60
@@ -145,3 +149,33 @@ def test_step_count_from_epochs():
     assert count_steps(TrainConfig(epochs=2, batch_size=8), 64, 8) == 16
     assert count_steps(TrainConfig(epochs=1, batch_size=8, grad_accum=4), 64, 8) == 2
     assert count_steps(TrainConfig(max_steps=7), 64, 8) == 7
+
+
+def test_tensorboard_tracker_writes_event_files(toy_config, tmp_path):
+    run_dir = polyadapt.adapt(toy_config(train={"max_steps": 3, "trackers": ["tensorboard"]}))
+    events = list((run_dir / "logs").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+
+
+def test_training_callbacks_from_plugins_see_every_step(toy_config, toy, monkeypatch):
+    seen = []
+
+    class Recorder:
+        def on_train_begin(self, state):
+            seen.append(("begin", state.step))
+
+        def on_log(self, state, logs):
+            seen.append(("log", logs["step"]))
+
+        def on_evaluate(self, state, metrics):
+            seen.append(("eval", round(metrics["eval_loss"], 6) > 0))
+
+        def on_train_end(self, state):
+            seen.append(("end", state.step))
+
+    monkeypatch.setattr(toy, "training_callbacks", polyadapt.hookimpl(lambda config: [Recorder()]))
+    from polyadapt.plugins import reset_plugin_manager
+
+    reset_plugin_manager()
+    polyadapt.adapt(toy_config(train={"max_steps": 4, "eval_every": 2}))
+    assert seen == [("begin", 0), ("log", 1), ("log", 2), ("eval", True), ("log", 3), ("log", 4), ("end", 4)]

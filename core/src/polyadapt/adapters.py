@@ -52,9 +52,7 @@ def _looks_feedforward(name: str) -> bool:
     return any(word in last for word in ("mlp", "fc", "ff", "up_proj", "down_proj", "gate_proj", "dense_4h", "c_fc"))
 
 
-def linear_module_names(
-    model: torch.nn.Module, include: Iterable[str] = (), exclude: Iterable[str] = ()
-) -> list[str]:
+def linear_module_names(model: torch.nn.Module, include: Iterable[str] = (), exclude: Iterable[str] = ()) -> list[str]:
     """Distinct leaf names (the last dotted component) of the linear layers of ``model``.
 
     A layer counts when its full name contains one of ``include`` (all, if empty) and none of ``exclude``. Conv1D

@@ -51,7 +51,11 @@ def _split_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.
                 tensors[f"{index}/{key}"] = value.detach().to("cpu").contiguous()
             else:
                 scalars.setdefault(str(index), {})[key] = value
-    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars, "indices": list(state_dict["state"])}
+    return tensors, {
+        "param_groups": state_dict["param_groups"],
+        "scalars": scalars,
+        "indices": list(state_dict["state"]),
+    }
 
 
 def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:

@@ -174,7 +174,9 @@ def infer(ctx: click.Context, run_dir: Path | None, args: tuple[str, ...]) -> No
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--format", "format_name", required=True, help="Export format (see the modality's formats; 'merged' for all).")
+@click.option(
+    "--format", "format_name", required=True, help="Export format (see the modality's formats; 'merged' for all)."
+)
 @click.option("--output", required=True, type=click.Path(path_type=Path), help="Directory to create.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 def export(run_dir: Path, format_name: str, output: Path, overwrite: bool) -> None:

@@ -247,7 +247,7 @@ def format_validation_error(error: ValidationError, model: type[BaseModel], pref
         elif item["type"] == "missing":
             lines.append(f"{key}: required key is missing")
         elif item["msg"].startswith("Value error, "):
-            lines.append(f"{key}: {item['msg'][len('Value error, '):]}")
+            lines.append(f"{key}: {item['msg'][len('Value error, ') :]}")
         elif key in merged:
             lines[merged[key]] += f", or {item['msg'][0].lower()}{item['msg'][1:]}"
         else:
@@ -306,7 +306,9 @@ def validate_config(
     return core.model_copy(update={"settings": settings})
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), plugin_manager: Any = None) -> AdaptConfig:
+def load_config(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), plugin_manager: Any = None
+) -> AdaptConfig:
     """Read, override and validate a YAML config file."""
     raw = apply_overrides(read_yaml(path), overrides)
     return validate_config(raw, source=str(path), plugin_manager=plugin_manager)

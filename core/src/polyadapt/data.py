@@ -67,7 +67,11 @@ def fingerprint(files: Iterable[Path], root: Path | None = None) -> dict[str, An
     entries: dict[str, str] = {}
     for path in files:
         path = Path(path)
-        name = str(path.resolve().relative_to(root.resolve())) if root and path.resolve().is_relative_to(root.resolve()) else str(path)
+        name = (
+            str(path.resolve().relative_to(root.resolve()))
+            if root and path.resolve().is_relative_to(root.resolve())
+            else str(path)
+        )
         entries[name] = sha256_file(path)
     combined = hashlib.sha256()
     for name in sorted(entries):

@@ -33,7 +33,9 @@ def export_run(run_dir: str | Path, format_name: str, output: str | Path, overwr
     formats = get_plugin_manager().export_formats(run.config.modality)
     if format_name not in formats:
         known = ", ".join(sorted(formats)) or "none"
-        raise ExportError(f"--format {format_name!r} is not available for modality {run.config.modality!r} (available: {known})")
+        raise ExportError(
+            f"--format {format_name!r} is not available for modality {run.config.modality!r} (available: {known})"
+        )
     if output.exists() and any(output.iterdir()):
         if not overwrite:
             raise RunDirectoryError(f"{output} exists and is not empty; choose another --output or pass --overwrite")

@@ -135,7 +135,9 @@ def claim_run_dir(run_dir: Path, config: AdaptConfig, resume: bool, overwrite: b
     try:
         manifest = read_manifest(run_dir)
     except ValueError as exc:
-        raise RunDirectoryError(f"{run_dir / MANIFEST_NAME} is not valid JSON ({exc}); refusing to touch {run_dir}") from None
+        raise RunDirectoryError(
+            f"{run_dir / MANIFEST_NAME} is not valid JSON ({exc}); refusing to touch {run_dir}"
+        ) from None
     if manifest is None:
         raise RunDirectoryError(f"{run_dir} exists, is not empty and is not a polyadapt run; choose another output")
     status = manifest.get("status")
@@ -153,7 +155,9 @@ def claim_run_dir(run_dir: Path, config: AdaptConfig, resume: bool, overwrite: b
     current = config.to_dict()
     changed = sorted(_diff_keys(previous, current))
     if changed:
-        raise ConfigError(f"--resume: the config differs from the run's in {', '.join(changed)}; resume with the same config")
+        raise ConfigError(
+            f"--resume: the config differs from the run's in {', '.join(changed)}; resume with the same config"
+        )
     return manifest
 
 
@@ -243,6 +247,7 @@ def adapt(config: AdaptConfig | str | Path, *, resume: bool = False, overwrite: 
         callbacks = pm.callbacks(config)
         extra_eval = None
         if config.train.early_stopping_metric != "eval_loss":
+
             def extra_eval() -> dict[str, float]:
                 from accelerate.utils import broadcast_object_list
 
@@ -401,7 +406,9 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, max_samples: i
     samples = limit(list(splits.validation), config.eval.max_samples)
     if not samples:
         raise ConfigError(f"--data: {data_path} has no held-out samples")
-    accelerator = make_accelerator(config.model_copy(update={"train": config.train.model_copy(update={"trackers": []})}), run_dir)
+    accelerator = make_accelerator(
+        config.model_copy(update={"train": config.train.model_copy(update={"trackers": []})}), run_dir
+    )
     ctx = inference_context(config, run_dir)
     bundle = modality.load_base(ctx)
     bundle.model.to(ctx.device)

@@ -104,14 +104,17 @@ def loss_curve_svg(history: list[dict[str, Any]], width: int = 640, height: int 
         return height - pad - (y - y0) / (y1 - y0) * (height - 2 * pad)
 
     line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in train)
-    dots = "".join(f"<circle cx='{sx(x):.1f}' cy='{sy(y):.1f}' r='4' class='eval'><title>step {x}: {y:.4f}</title></circle>" for x, y in evals)
+    dots = "".join(
+        f"<circle cx='{sx(x):.1f}' cy='{sy(y):.1f}' r='4' class='eval'><title>step {x}: {y:.4f}</title></circle>"
+        for x, y in evals
+    )
     axes = (
         f"<line x1='{pad}' y1='{height - pad}' x2='{width - pad}' y2='{height - pad}' class='axis'/>"
         f"<line x1='{pad}' y1='{pad}' x2='{pad}' y2='{height - pad}' class='axis'/>"
         f"<text x='{pad}' y='{height - 12}'>step {x0}</text><text x='{width - pad}' y='{height - 12}' text-anchor='end'>step {x1}</text>"
         f"<text x='4' y='{pad}'>{y1:.3g}</text><text x='4' y='{height - pad}'>{y0:.3g}</text>"
     )
-    legend = "<text x='{0}' y='20' class='legend'>— training loss   ● held-out loss</text>".format(width / 2 - 90)
+    legend = f"<text x='{width / 2 - 90}' y='20' class='legend'>— training loss   ● held-out loss</text>"
     return (
         f"<svg role='img' aria-label='loss curve' viewBox='0 0 {width} {height}' width='{width}' height='{height}'>"
         f"{axes}<polyline points='{line}' class='train'/>{dots}{legend}</svg>"
@@ -131,7 +134,9 @@ code{background:#f5f7fa;padding:0 .25rem;border-radius:3px}
 """
 
 
-def _render_html(report: dict[str, Any], manifest: dict[str, Any], history: list[dict], sections: list[tuple[str, str]]) -> str:
+def _render_html(
+    report: dict[str, Any], manifest: dict[str, Any], history: list[dict], sections: list[tuple[str, str]]
+) -> str:
     training = report.get("training") or {}
     data = manifest.get("data", {})
     facts = {
@@ -155,9 +160,14 @@ def _render_html(report: dict[str, Any], manifest: dict[str, Any], history: list
     ]
     if report.get("evaluated_on"):
         ev = report["evaluated_on"]
-        parts.append(f"<p class=sub>Evaluated on <code>{html.escape(ev['data'])}</code> ({ev['samples']} samples) at {html.escape(ev['when'])}.</p>")
+        parts.append(
+            f"<p class=sub>Evaluated on <code>{html.escape(ev['data'])}</code> ({ev['samples']} samples) at {html.escape(ev['when'])}.</p>"
+        )
     if report.get("general_metrics"):
-        parts += ["<h2>Forgetting check (general data)</h2>", _metrics_table(report["general_metrics"], report["primary_metric"])]
+        parts += [
+            "<h2>Forgetting check (general data)</h2>",
+            _metrics_table(report["general_metrics"], report["primary_metric"]),
+        ]
     parts += ["<h2>Loss curve</h2>", loss_curve_svg(history), "<h2>Run</h2>", f"<dl>{fact_html}</dl>"]
     for title, body in sections:
         parts += [f"<h2>{html.escape(title)}</h2>", body]

@@ -164,7 +164,9 @@ def evaluate_loss(
         mine = global_batch[accelerator.process_index :: accelerator.num_processes]
         if not mine:
             continue
-        batch = move_to_device(modality.collate(bundle, [split.items[i] for i in mine], training=False), accelerator.device)
+        batch = move_to_device(
+            modality.collate(bundle, [split.items[i] for i in mine], training=False), accelerator.device
+        )
         with accelerator.autocast():
             loss = modality.compute_loss(bundle, model, batch)
         total[0] += loss.detach().double() * len(mine)
@@ -216,7 +218,9 @@ def train_loop(
         raise ConfigError("peft: the adapter has no trainable parameters (check peft.target_modules)")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = TrainState(total_steps=count_steps(cfg, num_items, global_batch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.scheduler, cfg.warmup_steps, state.total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.scheduler, cfg.warmup_steps, state.total_steps)
+    )
     model, optimizer = accelerator.prepare(bundle.model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
 
@@ -244,7 +248,9 @@ def train_loop(
 
     def micro_batches() -> Iterator[list[int]]:
         while True:
-            batches = epoch_batches(num_items, global_batch, cfg.seed, state.epoch, train_split.lengths, cfg.group_by_length)
+            batches = epoch_batches(
+                num_items, global_batch, cfg.seed, state.epoch, train_split.lengths, cfg.group_by_length
+            )
             while state.batch_in_epoch < len(batches):
                 batch = batches[state.batch_in_epoch]
                 state.batch_in_epoch += 1
@@ -332,7 +338,9 @@ def train_loop(
                 accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=state.step)
             call("on_log", state, record)
             if progress is not None:
-                progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}", sps=f"{record['samples_per_second']:.1f}")
+                progress.set_postfix(
+                    loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}", sps=f"{record['samples_per_second']:.1f}"
+                )
         if progress is not None:
             progress.update(1)
 
@@ -366,7 +374,9 @@ def train_loop(
     return TrainResult(state=state, history=history, seconds=time.perf_counter() - started)
 
 
-def _record_eval(state: TrainState, metrics: dict[str, float], name: str, higher_better: bool, patience: int | None) -> None:
+def _record_eval(
+    state: TrainState, metrics: dict[str, float], name: str, higher_better: bool, patience: int | None
+) -> None:
     state.last_eval = dict(metrics)
     value = metrics.get(name)
     if value is None:

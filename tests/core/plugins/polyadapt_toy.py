@@ -133,11 +133,17 @@ class ToyModality(Modality):
             splits[split] = rows
         details = {}
         if "validation" not in splits:
-            train, held, indices = deterministic_holdout(splits.get("train", []), config.data.holdout, config.train.seed)
+            train, held, indices = deterministic_holdout(
+                splits.get("train", []), config.data.holdout, config.train.seed
+            )
             splits["train"], splits["validation"] = train, held
             details["holdout"] = {"fraction": config.data.holdout, "indices": indices}
         return DatasetSplits(
-            train=splits.get("train", []), validation=splits["validation"], files=files, problems=problems, details=details
+            train=splits.get("train", []),
+            validation=splits["validation"],
+            files=files,
+            problems=problems,
+            details=details,
         )
 
     def prepare(self, bundle, samples, ctx, training):
@@ -165,7 +171,10 @@ class ToyModality(Modality):
         with torch.no_grad():
             prediction = bundle.model(batch["x"].to(ctx.device)).cpu()
         mae = float((prediction - batch["y"]).abs().mean())
-        examples = [{"prediction": f"{p:.3f}", "reference": f"{r:.3f}"} for p, r in zip(prediction.tolist(), batch["y"].tolist(), strict=True)]
+        examples = [
+            {"prediction": f"{p:.3f}", "reference": f"{r:.3f}"}
+            for p, r in zip(prediction.tolist(), batch["y"].tolist(), strict=True)
+        ]
         return EvalResult(metrics={"mae": mae}, examples=examples)
 
     def infer_params(self):
@@ -208,13 +217,21 @@ def register_modalities(register):
 
 @hookimpl
 def register_export_formats(register):
-    register(ExportFormat(name="merged", modality="toy", help="toy network with the adapter merged", export=export_merged))
+    register(
+        ExportFormat(name="merged", modality="toy", help="toy network with the adapter merged", export=export_merged)
+    )
 
 
 @hookimpl
 def register_metrics(register):
-    register(Metric(name="max_abs_error", modality="toy", higher_is_better=False,
-                    compute=lambda ex: max(abs(float(e["prediction"]) - float(e["reference"])) for e in ex)))
+    register(
+        Metric(
+            name="max_abs_error",
+            modality="toy",
+            higher_is_better=False,
+            compute=lambda ex: max(abs(float(e["prediction"]) - float(e["reference"])) for e in ex),
+        )
+    )
 
 
 @hookimpl
