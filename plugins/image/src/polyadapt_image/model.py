@@ -135,10 +135,27 @@ def attach_lora(bundle: ModelBundle, section: PeftSection, targets: list[str], t
     """Inject LoRA layers in place (diffusers' ``add_adapter``); only LoRA parameters stay trainable."""
     unet_of(bundle).add_adapter(lora_config(section, targets), adapter_name=ADAPTER_NAME)
     if train_text_encoder:
+        from peft import inject_adapter_in_model
+
+        text_encoder_lora_loadable()
         for encoder in bundle.components["text_encoders"]:
-            encoder.add_adapter(lora_config(section, DEFAULT_TEXT_TARGETS), adapter_name=ADAPTER_NAME)
+            inject_adapter_in_model(lora_config(section, DEFAULT_TEXT_TARGETS), encoder, adapter_name=ADAPTER_NAME)
             for name, param in encoder.named_parameters():
                 param.requires_grad_("lora_" in name)
+
+
+def text_encoder_lora_loadable() -> None:
+    """Refuse text-encoder LoRA up front when diffusers could not load it back (transformers' peft integration
+    has a minimum peft version), rather than after training."""
+    try:
+        from transformers.integrations import peft as integration
+        from transformers.utils.peft_utils import check_peft_version
+
+        minimum = getattr(integration, "MIN_PEFT_VERSION", None)
+        if minimum is not None:
+            check_peft_version(min_version=minimum)
+    except ValueError as exc:
+        raise ConfigError(f"image.train_text_encoder: diffusers cannot load text-encoder LoRA here: {exc}") from None
 
 
 class DenoiserWithTextEncoders(torch.nn.Module):

@@ -1,0 +1,154 @@
+"""prepare/collate/compute_loss on tiny pipelines: caching equivalence, deterministic eval, min-SNR, targets, SDXL."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from polyadapt_image.denoisers import signal_to_noise
+from polyadapt_image.modality import ImageModality
+
+from .conftest import context_for
+
+
+def setup(config_path, adapter: bool = False):
+    modality = ImageModality()
+    ctx = context_for(config_path)
+    splits = modality.load_data(ctx.config, ctx.config.data.path)
+    bundle = modality.load_base(ctx)
+    if adapter:
+        modality.add_adapter(bundle, ctx)
+    return modality, ctx, splits, bundle
+
+
+def test_caching_gives_the_same_loss_as_encoding_every_step(make_config):
+    cached = setup(make_config(image={"cache_latents": True, "cache_text_embeddings": True}))
+    fresh = setup(make_config(image={"cache_latents": False, "cache_text_embeddings": False}))
+    losses = {}
+    for name, (modality, ctx, splits, bundle) in {"cached": cached, "fresh": fresh}.items():
+        prepared = modality.prepare(bundle, splits.train, ctx, training=True)
+        assert ("latents" in prepared.items[0]) == (name == "cached")
+        assert ("cond" in prepared.items[0]) == (name == "cached")
+        torch.manual_seed(123)
+        train_batch = modality.collate(bundle, prepared.items[:4], training=True)
+        eval_batch = modality.collate(bundle, prepared.items[:4], training=False)
+        with torch.no_grad():
+            losses[name] = (
+                modality.compute_loss(bundle, bundle.model, train_batch),
+                modality.compute_loss(bundle, bundle.model, eval_batch),
+            )
+    for cached_loss, fresh_loss in zip(losses["cached"], losses["fresh"], strict=True):
+        torch.testing.assert_close(cached_loss, fresh_loss, rtol=1e-4, atol=1e-5)
+
+
+def test_eval_batches_are_deterministic_and_training_batches_are_not(make_config):
+    modality, ctx, splits, bundle = setup(make_config())
+    prepared = modality.prepare(bundle, splits.validation, ctx, training=False)
+    first = modality.collate(bundle, prepared.items, training=False)
+    torch.manual_seed(999)
+    second = modality.collate(bundle, prepared.items, training=False)
+    for key in ("timesteps", "noise", "latent_noise", "latent_mean"):
+        assert torch.equal(first[key], second[key]), key
+    assert len(set(first["timesteps"].tolist())) > 1, "each item has its own timestep"
+    one = modality.collate(bundle, prepared.items, training=True)
+    two = modality.collate(bundle, prepared.items, training=True)
+    assert not torch.equal(one["noise"], two["noise"])
+
+
+def test_loss_falls_when_training_the_lora(make_config):
+    torch.manual_seed(0)
+    modality, ctx, splits, bundle = setup(make_config(peft={"r": 8, "alpha": 8, "dropout": 0.0}), adapter=True)
+    prepared = modality.prepare(bundle, splits.train, ctx, training=True)
+    batch = modality.collate(bundle, prepared.items[:4], training=False)
+    params = [p for p in bundle.model.parameters() if p.requires_grad]
+    assert params and all("lora_" in n for n, p in bundle.model.named_parameters() if p.requires_grad)
+    optimizer = torch.optim.AdamW(params, lr=3e-3)
+    bundle.model.train()
+    losses = []
+    for _ in range(25):
+        loss = modality.compute_loss(bundle, bundle.model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("gamma", [None, 1.0, 5.0])
+def test_min_snr_weights(make_config, prediction, gamma):
+    modality, ctx, splits, bundle = setup(make_config(image={"prediction_type": prediction}))
+    strategy, scheduler = bundle.components["denoiser"], bundle.components["noise_scheduler"]
+    timesteps = torch.tensor([0, 10, 100, 400, 800, 999])
+    weights = strategy.loss_weights(scheduler, timesteps, gamma)
+    if gamma is None:
+        assert weights is None
+        return
+    alpha_bar = scheduler.alphas_cumprod[timesteps].double()
+    snr = alpha_bar / (1 - alpha_bar)
+    expected = torch.minimum(snr, torch.tensor(gamma, dtype=torch.float64))
+    expected = expected / (snr + 1) if prediction == "v_prediction" else expected / snr
+    torch.testing.assert_close(weights.double(), expected, rtol=1e-4, atol=1e-6)
+    # low-noise steps (high SNR) are weighted down; noisy steps keep weight 1 under epsilon
+    assert weights[0] < weights[-1] or prediction == "v_prediction"
+    if prediction == "epsilon":
+        assert weights[-1] == pytest.approx(1.0)
+    torch.testing.assert_close(signal_to_noise(scheduler, timesteps).double(), snr, rtol=1e-4, atol=0)
+
+
+def test_v_prediction_target_is_the_velocity(make_config, tiny_base_v):
+    modality, ctx, splits, bundle = setup(make_config(base=tiny_base_v))
+    assert bundle.info["prediction_type"] == "v_prediction"
+    strategy, scheduler = bundle.components["denoiser"], bundle.components["noise_scheduler"]
+    latents, noise = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
+    timesteps = torch.tensor([100, 700])
+    _, target = strategy.noisy_and_target(scheduler, latents, noise, timesteps)
+    a = scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    torch.testing.assert_close(target, a.sqrt() * noise - (1 - a).sqrt() * latents)
+
+
+def test_noise_offset_adds_a_per_channel_constant(make_config):
+    plain = setup(make_config())
+    offset = setup(make_config(image={"noise_offset": 0.1}))
+    batches = []
+    for modality, ctx, splits, bundle in (plain, offset):
+        prepared = modality.prepare(bundle, splits.validation, ctx, training=False)
+        batches.append(modality.collate(bundle, prepared.items, training=False))
+    difference = batches[1]["noise"] - batches[0]["noise"]
+    assert difference.abs().max() > 0
+    torch.testing.assert_close(difference, difference.mean(dim=(2, 3), keepdim=True).expand_as(difference))
+
+
+def test_sdxl_uses_both_encoders_and_time_ids(make_config, tiny_base_xl):
+    modality, ctx, splits, bundle = setup(make_config(base=tiny_base_xl), adapter=True)
+    assert bundle.info["pipeline"] == "StableDiffusionXLPipeline"
+    prepared = modality.prepare(bundle, splits.train, ctx, training=True)
+    batch = modality.collate(bundle, prepared.items[:2], training=False)
+    assert batch["encoder_hidden_states"].shape[-1] == 128  # two 64-wide encoders, concatenated
+    assert batch["text_embeds"].shape == (2, 64) and batch["time_ids"].shape == (2, 6)
+    loss = modality.compute_loss(bundle, bundle.model, batch)
+    loss.backward()
+    assert any(p.grad is not None for n, p in bundle.model.named_parameters() if "lora_" in n)
+
+
+def test_text_encoder_lora_trains_both_or_is_refused_up_front(make_config):
+    import importlib.metadata
+
+    from packaging.version import Version
+    from transformers.integrations.peft import MIN_PEFT_VERSION
+
+    from polyadapt.errors import ConfigError
+
+    config = make_config(image={"train_text_encoder": True})
+    if Version(importlib.metadata.version("peft")) < Version(MIN_PEFT_VERSION):
+        # diffusers loads text-encoder LoRA through transformers, which needs a newer peft: refuse before training
+        with pytest.raises(ConfigError, match="image.train_text_encoder"):
+            setup(config, adapter=True)
+        return
+    modality, ctx, splits, bundle = setup(config, adapter=True)
+    prepared = modality.prepare(bundle, splits.train, ctx, training=True)
+    assert "tokens" in prepared.items[0], "text embeddings are not cached when the text encoder trains"
+    batch = modality.collate(bundle, prepared.items[:2], training=True)
+    modality.compute_loss(bundle, bundle.model, batch).backward()
+    trained = {n.split(".")[0] for n, p in bundle.model.named_parameters() if p.requires_grad and p.grad is not None}
+    assert trained == {"denoiser", "text_encoders"}
