@@ -1,0 +1,163 @@
+"""The adapter as a standard PEFT directory, reload, the merged export and its parity gate, and inference."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tests.text.builders import chat_records, make_config, write_jsonl
+
+import polyadapt
+from polyadapt.errors import ExportError
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_bases, tmp_path_factory) -> Path:
+    """One finished LoRA run on the tiny LLaMA, shared by the tests of this module (read-only)."""
+    root = tmp_path_factory.mktemp("adapter")
+    write_jsonl(root / "data" / "train.jsonl", chat_records(16))
+    write_jsonl(root / "data" / "validation.jsonl", chat_records(4, with_facts=True, offset=60))
+    config = make_config(
+        tiny_bases["llama"], root / "data", root / "run",
+        train={"max_steps": 6, "lr": 0.05, "batch_size": 4, "precision": "fp32"},
+        text={"max_length": 64, "max_new_tokens": 4},
+    )  # fmt: skip
+    return polyadapt.adapt(config)
+
+
+PROBE = "What is the HarborFlex monthly fee?"
+
+
+def probe_ids(tokenizer):
+    return tokenizer(PROBE, return_tensors="pt")["input_ids"]
+
+
+def test_adapter_is_a_plain_lora_directory(finished_run):
+    config = json.loads((finished_run / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
+    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    # what vLLM's LoRA loader refuses or ignores: extra trained modules, DoRA, biases
+    assert not config.get("modules_to_save")
+    assert not config.get("use_dora")
+    assert config.get("bias", "none") == "none"
+    from safetensors import safe_open
+
+    with safe_open(str(finished_run / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys)
+
+
+def test_vanilla_peft_reproduces_polyadapt_logits_exactly(finished_run, tiny_llama):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from polyadapt.lifecycle import load_run
+
+    run = load_run(finished_run)
+    ids = probe_ids(run.bundle.processor)
+    vanilla = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_llama)), str(finished_run)).eval()
+    plain_base = AutoModelForCausalLM.from_pretrained(str(tiny_llama)).eval()
+    with torch.no_grad():
+        ours = run.bundle.model(input_ids=ids).logits
+        theirs = vanilla(input_ids=ids).logits
+        base = plain_base(input_ids=ids).logits
+    assert torch.equal(ours, theirs)
+    assert not torch.allclose(ours, base, atol=1e-3), "the adapter changed nothing"
+    assert AutoTokenizer.from_pretrained(str(tiny_llama))(PROBE)["input_ids"] == ids[0].tolist()
+
+
+def test_saved_adapter_reloads_to_identical_logits(tmp_path, tiny_llama, chat_data, modality):
+    from tests.text.builders import make_ctx
+
+    ctx = make_ctx(make_config(tiny_llama, chat_data, tmp_path / "run"))
+    bundle = modality.load_base(ctx)
+    modality.add_adapter(bundle, ctx)
+    with torch.no_grad():
+        for name, param in bundle.model.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.05)
+    bundle.model.eval()
+    ids = probe_ids(bundle.processor)
+    with torch.no_grad():
+        before = bundle.model(input_ids=ids).logits
+    modality.save_adapter(bundle, tmp_path / "adapter")
+    fresh = modality.load_base(ctx)
+    modality.load_adapter(fresh, tmp_path / "adapter", ctx)
+    with torch.no_grad():
+        after = fresh.model(input_ids=ids).logits
+    assert torch.equal(before, after)
+
+
+def test_merged_export_passes_the_parity_gate(finished_run, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from polyadapt.export import export_run
+
+    record = export_run(finished_run, "merged", tmp_path / "merged")
+    parity = record["parity"]
+    assert parity["max_abs_logit_gap"] <= parity["tolerance"] == 1e-3
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "merged"))
+    manifest = json.loads((finished_run / "polyadapt.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(manifest["base"]["path"])
+    adapted = PeftModel.from_pretrained(base, str(finished_run)).eval()
+    ids = probe_ids(tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-3, rtol=0)
+    assert not any(k for k in merged.state_dict() if "lora" in k)
+
+
+def test_corrupted_merge_is_refused_with_the_measured_gap(finished_run, tmp_path, monkeypatch):
+    import polyadapt_text.export as text_export
+    from polyadapt.export import export_run
+
+    real_merge = text_export.merge_adapter
+
+    def corrupted(model):
+        merged = real_merge(model)
+        with torch.no_grad():
+            merged.model.layers[0].self_attn.v_proj.weight.mul_(1.5)
+        return merged
+
+    monkeypatch.setattr(text_export, "merge_adapter", corrupted)
+    with pytest.raises(ExportError, match=r"differ from base\+adapter by up to [0-9.e+-]+ \(tolerance"):
+        export_run(finished_run, "merged", tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_prefix_tuning_cannot_be_merged(tmp_path, tiny_llama, chat_data):
+    from polyadapt.export import export_run
+
+    config = make_config(
+        tiny_llama, chat_data, tmp_path / "run", peft={"method": "prefix"},
+        train={"max_steps": 1, "precision": "fp32"}, text={"generate_eval": False},
+    )  # fmt: skip
+    run = polyadapt.adapt(config)
+    with pytest.raises(ExportError, match="cannot be merged"):
+        export_run(run, "merged", tmp_path / "merged")
+
+
+def test_infer_command_prints_an_answer(finished_run):
+    done = subprocess.run(
+        [sys.executable, "-m", "polyadapt", "infer", str(finished_run), "--prompt", PROBE, "--max-new-tokens", "5",
+         "--temperature", "0.7", "--top-p", "0.9", "--seed", "1"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_infer_is_deterministic_when_greedy(finished_run):
+    from polyadapt.lifecycle import load_run
+
+    run = load_run(finished_run)
+    options = {"prompt": PROBE, "system": None, "max_new_tokens": 6, "temperature": 0.0, "top_p": 1.0, "seed": 0}
+    first = run.modality.infer(run.bundle, run.ctx, options)
+    assert first == run.modality.infer(run.bundle, run.ctx, options)
+    sampled = [run.modality.infer(run.bundle, run.ctx, {**options, "temperature": 1.5, "seed": s}) for s in (1, 1, 2)]
+    assert sampled[0] == sampled[1]

@@ -1,0 +1,190 @@
+"""Tokenisation, loss masks, truncation and packing."""
+
+from __future__ import annotations
+
+import pytest
+from tests.text.builders import chat_records, make_config, make_ctx, prompt_records, text_records, write_jsonl
+
+from polyadapt.errors import ConfigError
+from polyadapt_text.batching import IGNORE, collate_items, pack, packing_isolated, target_logits
+from polyadapt_text.data import load_text_dataset
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture
+def loaded(tmp_path, tiny_bases, modality):
+    """A function: (records, architecture, text settings) -> (bundle, ctx, samples)."""
+
+    def load(records, kind="llama", **text):
+        data = tmp_path / "data"
+        write_jsonl(data / "train.jsonl", records)
+        config = make_config(tiny_bases[kind], data, text={"max_length": 64, **text})
+        ctx = make_ctx(config)
+        bundle = modality.load_base(ctx)
+        return bundle, ctx, list(load_text_dataset(data, holdout=0.1).train)
+
+    return load
+
+
+def decoded_targets(tokenizer, item):
+    return tokenizer.decode([t for t, label in zip(item["input_ids"], item["labels"], strict=True) if label != IGNORE])
+
+
+def test_chat_loss_only_on_assistant_replies(loaded, modality):
+    bundle, ctx, samples = loaded(chat_records(4))
+    prepared = modality.prepare(bundle, samples, ctx, training=True)
+    for sample, item in zip(samples, prepared.items, strict=True):
+        reply = sample.messages[-1][1]
+        # the reply and its end-of-turn token are learned; nothing of the user turn is
+        assert decoded_targets(bundle.processor, item).startswith(reply + "<|im_end|>")
+        assert sample.messages[0][1] not in decoded_targets(bundle.processor, item)
+        assert item["labels"][0] == IGNORE
+
+
+def test_multi_turn_chat_learns_every_assistant_turn(loaded, modality):
+    record = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": "first answer"},
+            {"role": "user", "content": "thanks"},
+            {"role": "assistant", "content": "second answer"},
+        ]
+    }
+    bundle, ctx, samples = loaded([record, *chat_records(2)])
+    item = modality.prepare(bundle, samples[:1], ctx, training=True).items[0]
+    learned = decoded_targets(bundle.processor, item)
+    assert "first answer" in learned and "second answer" in learned
+    assert "hello" not in learned and "Be brief" not in learned
+
+
+def test_prompt_completion_masks_the_prompt(loaded, modality):
+    bundle, ctx, samples = loaded(prompt_records(3))
+    item = modality.prepare(bundle, samples, ctx, training=True).items[0]
+    assert decoded_targets(bundle.processor, item).strip().startswith(samples[0].completion.strip())
+    assert samples[0].prompt.strip() not in decoded_targets(bundle.processor, item)
+
+
+@pytest.mark.parametrize("records", [chat_records(3), prompt_records(3)], ids=["chat", "prompt_completion"])
+def test_completion_only_loss_can_be_switched_off(loaded, modality, records):
+    bundle, ctx, samples = loaded(records, completion_only_loss=False)
+    item = modality.prepare(bundle, samples, ctx, training=True).items[0]
+    assert all(label != IGNORE for label in item["labels"])
+
+
+def test_plain_text_learns_every_token_and_ends_with_eos(loaded, modality):
+    bundle, ctx, samples = loaded(text_records(3))
+    item = modality.prepare(bundle, samples, ctx, training=True).items[0]
+    assert item["labels"] == item["input_ids"]
+    assert item["input_ids"][-1] == bundle.processor.eos_token_id
+
+
+def test_system_prompt_is_added_to_chats_without_one(loaded, modality):
+    bundle, ctx, samples = loaded(chat_records(3), system_prompt="You work at Harbor Bank.")
+    item = modality.prepare(bundle, samples, ctx, training=True).items[0]
+    assert bundle.processor.decode(item["input_ids"]).startswith("<|im_start|>system\nYou work at Harbor Bank.")
+
+
+def test_truncation_is_counted(loaded, modality):
+    long = [{"text": "word " * 200}, *text_records(3)]
+    bundle, ctx, samples = loaded(long, max_length=32)
+    prepared = modality.prepare(bundle, samples, ctx, training=True)
+    assert prepared.stats["truncated"] >= 1
+    assert max(len(i["input_ids"]) for i in prepared.items) <= 32
+
+
+def test_sample_whose_reply_is_cut_away_is_dropped_and_counted(loaded, modality):
+    record = {"messages": [{"role": "user", "content": "tell me " * 60}, {"role": "assistant", "content": "ok"}]}
+    bundle, ctx, samples = loaded([record, *chat_records(3)], max_length=24)
+    prepared = modality.prepare(bundle, samples, ctx, training=True)
+    assert prepared.stats["dropped_no_target"] == 1
+    assert prepared.stats["items"] == len(samples) - 1
+
+
+def test_pack_fills_rows_without_splitting_samples():
+    items = [{"input_ids": list(range(n)), "labels": list(range(n))} for n in (5, 3, 7, 2, 6)]
+    rows = pack(items, max_length=10)
+    assert sorted(len(r["input_ids"]) for r in rows) == [7, 8, 8]
+    for row in rows:
+        starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
+        assert all(row["labels"][s] == IGNORE for s in starts)
+    assert sum(r["position_ids"].count(0) for r in rows) == 5
+
+
+def per_sample_losses(model, batch):
+    """Loss of each sample: a row, or a segment of a packed row (positions restart at 0)."""
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        logits, targets, where = target_logits(model, batch)
+        token_losses = F.cross_entropy(logits.float(), targets, reduction="none")
+    if "position_ids" in batch:
+        segment = (batch["position_ids"] == 0).long().cumsum(dim=1)
+        keys = [(int(r), int(segment[r, c])) for r, c in where]
+    else:
+        keys = [(int(r), 0) for r, _ in where]
+    sums: dict[tuple[int, int], list[float]] = {}
+    for key, value in zip(keys, token_losses.tolist(), strict=True):
+        sums.setdefault(key, []).append(value)
+    return sorted(sum(v) / len(v) for v in sums.values())
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_packed_batch_gives_the_same_per_sample_losses(loaded, modality, kind):
+    records = chat_records(6) + prompt_records(0)
+    bundle, ctx, samples = loaded(records, kind=kind, max_length=128)
+    model = bundle.model.eval()
+    plain = modality.prepare(bundle, samples, ctx, training=False)
+    packed = modality.prepare(
+        bundle, samples, make_ctx(ctx.config.model_copy(update={"settings": ctx.settings.model_copy(update={"packing": True})})), True
+    )
+    assert len(packed.items) < len(plain.items)
+    unpacked_losses = per_sample_losses(model, collate_items(plain.items, bundle.processor.pad_token_id))
+    packed_losses = per_sample_losses(model, collate_items(packed.items, bundle.processor.pad_token_id))
+    assert len(unpacked_losses) == len(packed_losses) == len(samples)
+    assert packed_losses == pytest.approx(unpacked_losses, abs=1e-4)
+
+
+def test_packing_probe_detects_contamination(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama))
+    assert packing_isolated(model, 384)[0]
+
+    class Leaky(torch.nn.Module):
+        """Ignores position ids and attends across the whole row, as a model without packing support would."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, position_ids=None):
+            return self.inner(input_ids=input_ids)
+
+    isolated, gap = packing_isolated(Leaky(model), 384)
+    assert not isolated and gap > 1e-3
+
+
+def test_packing_refused_for_a_model_that_would_mix_samples(loaded, modality, monkeypatch):
+    bundle, ctx, samples = loaded(chat_records(4), packing=True)
+    monkeypatch.setattr("polyadapt_text.batching.packing_isolated", lambda model, vocab: (False, 0.5))
+    with pytest.raises(ConfigError, match="text.packing"):
+        modality.prepare(bundle, samples, ctx, training=True)
+
+
+def test_packing_is_rejected_with_prefix_tuning(loaded, modality):
+    bundle, ctx, samples = loaded(chat_records(4), packing=True)
+    config = ctx.config.model_copy(update={"peft": ctx.config.peft.model_copy(update={"method": "prefix"})})
+    with pytest.raises(ConfigError, match="prefix"):
+        modality.add_adapter(bundle, make_ctx(config))
+
+
+def test_collate_pads_right_and_marks_padding(loaded, modality):
+    bundle, ctx, samples = loaded(chat_records(3))
+    items = modality.prepare(bundle, samples, ctx, training=False).items
+    batch = modality.collate(bundle, items, training=False)
+    lengths = [len(i["input_ids"]) for i in items]
+    assert batch["input_ids"].shape == (len(items), max(lengths))
+    assert batch["attention_mask"].sum(dim=1).tolist() == lengths
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE).all()
