@@ -284,7 +284,9 @@ def train_loop(
     if is_main and show_progress:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=state.total_steps, initial=state.step, desc="adapt", unit="step", dynamic_ncols=True)
+        progress = tqdm(
+            total=state.total_steps, initial=state.step, desc="adapt", unit="step", dynamic_ncols=True, mininterval=1.0
+        )
     started = time.perf_counter()
     window_start, window_samples = started, 0
     last_checkpoint = list_checkpoints(run_dir)[-1] if resume_from is not None else None
