@@ -22,6 +22,10 @@ KOHYA_PREFIXES = {
 }
 
 
+#: LoRA weight suffixes of diffusers files (both the saved ``lora.down`` and peft's ``lora_A`` spellings) -> kohya
+SUFFIXES = ((".lora.down.weight", "down"), (".lora.up.weight", "up"), (".lora_A.weight", "down"), (".lora_B.weight", "up"))
+
+
 def read_lora(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The run's diffusers LoRA tensors and its per-component peft config (from the safetensors metadata)."""
     from safetensors import safe_open
@@ -41,7 +45,7 @@ def read_lora(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 def to_kohya(tensors: dict[str, torch.Tensor], configs: dict[str, Any], pipeline: str) -> dict[str, torch.Tensor]:
-    """Diffusers LoRA keys (``unet.down_blocks.0....to_q.lora_A.weight``) -> kohya keys
+    """Diffusers LoRA keys (``unet.down_blocks.0....to_q.lora.down.weight``) -> kohya keys
     (``lora_unet_down_blocks_0_..._to_q.lora_down.weight``, ``.lora_up.weight``, ``.alpha``).
 
     The module path keeps diffusers' names with dots turned into underscores, the layout kohya's sd-scripts writes
@@ -55,19 +59,20 @@ def to_kohya(tensors: dict[str, torch.Tensor], configs: dict[str, Any], pipeline
         component, _, rest = key.partition(".")
         if component not in prefixes:
             raise ExportError(f"kohya export: unexpected LoRA key {key!r}")
-        if rest.endswith(".lora_magnitude_vector") or "lora_magnitude_vector" in rest:
+        if "lora_magnitude_vector" in rest or "dora_scale" in rest:
             raise ExportError("kohya export: DoRA adapters have no kohya layout; export 'merged' instead")
-        module, kind = rest.rsplit(".lora_", 1)
+        for suffix, kind in SUFFIXES:
+            if rest.endswith(suffix):
+                module = rest[: -len(suffix)]
+                break
+        else:
+            raise ExportError(f"kohya export: unexpected LoRA key {key!r}")
         name = f"{prefixes[component]}_{module.replace('.', '_')}"
-        if kind == "A.weight":
-            out[f"{name}.lora_down.weight"] = value.contiguous()
+        out[f"{name}.lora_{kind}.weight"] = value.contiguous()
+        if kind == "down":
             config = configs.get(component, {})
             alpha = config.get("alpha_pattern", {}).get(module, config.get("lora_alpha", value.shape[0]))
             out[f"{name}.alpha"] = torch.tensor(float(alpha))
-        elif kind == "B.weight":
-            out[f"{name}.lora_up.weight"] = value.contiguous()
-        else:
-            raise ExportError(f"kohya export: unexpected LoRA key {key!r}")
     return out
 
 
