@@ -87,6 +87,18 @@ def item_seed(key: str) -> int:
     return zlib.crc32(key.encode("utf-8"))
 
 
+def validation_pairs(settings: ImageSettings, samples: Sequence[Any]) -> tuple[list[str], list[int]]:
+    """The (prompt, seed) pairs of validation images, prompt-major: ``validation_prompts`` (trigger rule applied)
+    or the first held-out captions, each with every ``validation_seeds`` seed."""
+    from .data import apply_trigger
+
+    prompts = [apply_trigger(p, settings.trigger, settings.trigger_position) for p in settings.validation_prompts]
+    if not prompts:
+        prompts = [s.caption for s in list(samples)[: settings.num_validation_prompts]]
+    pairs = [(p, s) for p in prompts for s in settings.validation_seeds]
+    return [p for p, _ in pairs], [s for _, s in pairs]
+
+
 class ImageModality(Modality):
     """LoRA on the denoiser of a diffusers text-to-image pipeline, evaluated by held-out denoising loss and a
     brand-style palette distance of images generated from fixed prompts and seeds."""
@@ -113,6 +125,8 @@ class ImageModality(Modality):
 
         settings: ImageSettings = ctx.settings
         attach_lora(bundle, ctx.config.peft, self.resolve_target_modules(bundle, ctx), settings.train_text_encoder)
+        # the training callback (ValidationGrids) draws progress grids from the bundle being trained
+        self._training = (bundle, ctx)
         if settings.train_text_encoder:
             from .model import DenoiserWithTextEncoders
 
@@ -122,6 +136,7 @@ class ImageModality(Modality):
         from .model import save_lora
 
         save_lora(bundle, Path(directory))
+        self._training = None
 
     def load_adapter(self, bundle: ModelBundle, directory: Path, ctx: RunContext) -> None:
         from .model import load_lora
@@ -153,22 +168,20 @@ class ImageModality(Modality):
     def evaluate(
         self, bundle: ModelBundle, samples: Sequence[Any], ctx: RunContext, eval_loss: float | None
     ) -> EvalResult:
-        from .data import apply_trigger, load_image
+        from .data import load_image
         from .metrics import brand_style_distance, clip_score, image_grid
         from .model import generate, has_adapter
 
         settings: ImageSettings = ctx.settings
-        prompts = [apply_trigger(p, settings.trigger, settings.trigger_position) for p in settings.validation_prompts]
-        if not prompts:
-            prompts = [s.caption for s in list(samples)[: settings.num_validation_prompts]]
+        self._validation_samples = list(samples)
+        prompts, seeds = validation_pairs(settings, samples)
         if not prompts:
             return EvalResult(metrics={})
-        seeds = list(settings.validation_seeds)
-        pairs = [(p, s) for p in prompts for s in seeds]
         images = generate(
-            bundle, [p for p, _ in pairs], [s for _, s in pairs], settings.resolution,
-            settings.num_inference_steps, settings.guidance_scale,
-        )  # fmt: skip
+            bundle, prompts, seeds, settings.resolution, settings.num_inference_steps, settings.guidance_scale
+        )
+        pairs = list(zip(prompts, seeds, strict=True))
+        seeds = list(settings.validation_seeds)
         metrics: dict[str, float] = {}
         if samples:
             reference = [load_image(s.path, settings.resolution, center_crop=True) for s in samples]
@@ -186,6 +199,26 @@ class ImageModality(Modality):
             image_grid(images, columns=len(seeds), upscale=upscale).save(path)
             artifacts[f"{tag}_grid"] = path
         return EvalResult(metrics=metrics, examples=examples, artifacts=artifacts)
+
+    def save_progress_grid(self, step: int) -> Path | None:
+        """Validation images of the bundle being trained, saved as ``validation/step-NNNNNN.png``."""
+        if getattr(self, "_training", None) is None:
+            return None
+        bundle, ctx = self._training
+        if ctx.run_dir is None or not ctx.is_main_process:
+            return None
+        from .metrics import image_grid
+        from .model import generate
+
+        settings: ImageSettings = ctx.settings
+        prompts, seeds = validation_pairs(settings, getattr(self, "_validation_samples", []))
+        if not prompts:
+            return None
+        images = generate(bundle, prompts, seeds, settings.resolution, settings.num_inference_steps, settings.guidance_scale)
+        path = Path(ctx.run_dir) / VALIDATION_DIR / f"step-{step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image_grid(images, columns=len(settings.validation_seeds), upscale=max(1, 128 // settings.resolution)).save(path)
+        return path
 
     def report_sections(self, before: EvalResult | None, after: EvalResult, run_dir: Path) -> list[tuple[str, str]]:
         from .report import grid_section
