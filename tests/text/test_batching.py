@@ -22,7 +22,8 @@ def loaded(tmp_path, tiny_bases, modality):
         config = make_config(tiny_bases[kind], data, text={"max_length": 64, **text})
         ctx = make_ctx(config)
         bundle = modality.load_base(ctx)
-        return bundle, ctx, list(load_text_dataset(data, holdout=0.1).train)
+        splits = load_text_dataset(data)
+        return bundle, ctx, sorted([*splits.train, *splits.validation], key=lambda s: s.line)
 
     return load
 
@@ -96,7 +97,7 @@ def test_truncation_is_counted(loaded, modality):
 
 def test_sample_whose_reply_is_cut_away_is_dropped_and_counted(loaded, modality):
     record = {"messages": [{"role": "user", "content": "tell me " * 60}, {"role": "assistant", "content": "ok"}]}
-    bundle, ctx, samples = loaded([record, *chat_records(3)], max_length=24)
+    bundle, ctx, samples = loaded([record, *chat_records(3)], max_length=56)
     prepared = modality.prepare(bundle, samples, ctx, training=True)
     assert prepared.stats["dropped_no_target"] == 1
     assert prepared.stats["items"] == len(samples) - 1
@@ -105,7 +106,8 @@ def test_sample_whose_reply_is_cut_away_is_dropped_and_counted(loaded, modality)
 def test_pack_fills_rows_without_splitting_samples():
     items = [{"input_ids": list(range(n)), "labels": list(range(n))} for n in (5, 3, 7, 2, 6)]
     rows = pack(items, max_length=10)
-    assert sorted(len(r["input_ids"]) for r in rows) == [7, 8, 8]
+    # first fit by decreasing length: [7, 3], [6, 2], [5]
+    assert sorted(len(r["input_ids"]) for r in rows) == [5, 8, 10]
     for row in rows:
         starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
         assert all(row["labels"][s] == IGNORE for s in starts)
@@ -159,8 +161,8 @@ def test_packing_probe_detects_contamination(tiny_llama):
             super().__init__()
             self.inner = inner
 
-        def forward(self, input_ids, position_ids=None):
-            return self.inner(input_ids=input_ids)
+        def forward(self, input_ids, position_ids=None, use_cache=None):
+            return self.inner(input_ids=input_ids, use_cache=True)
 
     isolated, gap = packing_isolated(Leaky(model), 384)
     assert not isolated and gap > 1e-3

@@ -229,6 +229,8 @@ def target_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
     keep = labels.new_zeros(labels.shape, dtype=bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    # with a cache, transformers builds a plain causal mask and ignores the packed position ids
+    inputs["use_cache"] = False
     if _accepts_logits_to_keep(type(_unwrap(model))):
         inputs["logits_to_keep"] = keep
     logits = model(**inputs).logits
@@ -250,8 +252,8 @@ def mean_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def packing_isolated(model: Any, vocab_size: int, tolerance: float = 1e-4) -> tuple[bool, float]:
     """Whether the model keeps packed samples apart when given restarted ``position_ids`` and no attention mask.
 
-    Runs two short random sequences packed in one row and alone, in eval mode, and compares the second sequence's
-    logits. Returns ``(isolated, max_abs_gap)``.
+    Runs two short random sequences packed in one row and alone, in eval mode and without a cache (as in training),
+    and compares the second sequence's logits. Returns ``(isolated, max_abs_gap)``.
     """
     import torch
 
@@ -263,10 +265,10 @@ def packing_isolated(model: Any, vocab_size: int, tolerance: float = 1e-4) -> tu
     model.eval()
     try:
         with torch.no_grad():
-            alone = model(input_ids=b.to(device)).logits
+            alone = model(input_ids=b.to(device), use_cache=False).logits
             row = torch.cat([a, b], dim=1).to(device)
             positions = torch.cat([torch.arange(7), torch.arange(5)]).unsqueeze(0).to(device)
-            packed = model(input_ids=row, position_ids=positions).logits[:, 7:]
+            packed = model(input_ids=row, position_ids=positions, use_cache=False).logits[:, 7:]
     finally:
         model.train(was_training)
     gap = (alone.float() - packed.float()).abs().max().item()
