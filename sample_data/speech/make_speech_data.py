@@ -135,8 +135,32 @@ def synthesise(text: str, voice: tuple[str, int, int], target: Path, scratch: Pa
     subprocess.run(["espeak-ng", "-v", name, "-p", str(pitch), "-s", str(speed), "-w", str(raw), text], check=True)
     # 16 kHz mono 16-bit, leading/trailing silence trimmed to keep the set small
     subprocess.run(
-        ["sox", str(raw), "-r", "16000", "-c", "1", "-b", "16", str(target),
-         "gain", "-1", "silence", "1", "0.02", "0.5%", "reverse", "silence", "1", "0.02", "0.5%", "reverse", "pad", "0.1", "0.15"],
+        [
+            "sox",
+            str(raw),
+            "-r",
+            "16000",
+            "-c",
+            "1",
+            "-b",
+            "16",
+            str(target),
+            "gain",
+            "-1",
+            "silence",
+            "1",
+            "0.02",
+            "0.5%",
+            "reverse",
+            "silence",
+            "1",
+            "0.02",
+            "0.5%",
+            "reverse",
+            "pad",
+            "0.1",
+            "0.15",
+        ],
         check=True,
     )
 

@@ -42,7 +42,9 @@ def build_tokenizer(directory: Path) -> Any:
     core = Tokenizer(models.BPE(unk_token=None))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     corpus = [" " + r["transcription"] for split in ("train", "test") for r in sample_rows(split)]
     core.train_from_iterator(corpus * 2, trainer=trainer)
     core.add_special_tokens(WHISPER_SPECIALS)
@@ -81,7 +83,9 @@ def build_whisper(directory: Path, seed: int = 0) -> None:
     model = WhisperForConditionalGeneration(config)
     model.generation_config.no_timestamps_token_id = None
     model.save_pretrained(str(directory), safe_serialization=True)
-    WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80), tokenizer=tokenizer).save_pretrained(str(directory))
+    WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80), tokenizer=tokenizer).save_pretrained(
+        str(directory)
+    )
 
 
 @pytest.fixture(scope="session")
@@ -114,14 +118,14 @@ def small_dataset(tmp_path) -> Path:
     return write_dataset(tmp_path / "data")
 
 
-def write_config(path: Path, base: Path | str, data: Path, output: Path, **sections: Any) -> Path:
+def write_config(path: Path, base: Path | str, data_dir: Path, output: Path, **sections: Any) -> Path:
     """A speech config YAML; ``sections`` override or add top-level sections (``train={...}``, ``speech={...}``)."""
     import yaml
 
     config: dict[str, Any] = {
         "modality": "speech",
         "base": str(base),
-        "data": {"path": str(data)},
+        "data": {"path": str(data_dir)},
         "output": str(output),
         "peft": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
         "train": {"max_steps": 12, "lr": 3e-3, "batch_size": 3, "scheduler": "constant", "precision": "fp32"},

@@ -112,7 +112,9 @@ def read_model_bin(path: Path) -> CT2Model:
             array = np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).copy()
         expected = int(np.prod(shape)) if shape else 1
         if array.size != expected:
-            raise ConfigError(f"{path}: variable {name!r} holds {array.size} values, its shape {shape} needs {expected}")
+            raise ConfigError(
+                f"{path}: variable {name!r} holds {array.size} values, its shape {shape} needs {expected}"
+            )
         variables[name] = array.reshape(shape)
     aliases: dict[str, str] = {}
     if version >= 3:
@@ -204,7 +206,11 @@ def whisper_state_dict(weights: dict[str, np.ndarray]) -> tuple[dict[str, np.nda
     for i in range(enc_layers):
         src, dst = f"encoder/layer_{i}", f"model.encoder.layers.{i}"
         attn = f"{dst}.self_attn"
-        split([f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"], f"{src}/self_attention/linear_0", [True, False, True])
+        split(
+            [f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"],
+            f"{src}/self_attention/linear_0",
+            [True, False, True],
+        )
         linear(f"{attn}.out_proj", f"{src}/self_attention/linear_1")
         norm(f"{dst}.self_attn_layer_norm", f"{src}/self_attention/layer_norm")
         linear(f"{dst}.fc1", f"{src}/ffn/linear_0")
@@ -217,7 +223,11 @@ def whisper_state_dict(weights: dict[str, np.ndarray]) -> tuple[dict[str, np.nda
     for i in range(dec_layers):
         src, dst = f"decoder/layer_{i}", f"model.decoder.layers.{i}"
         attn, cross = f"{dst}.self_attn", f"{dst}.encoder_attn"
-        split([f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"], f"{src}/self_attention/linear_0", [True, False, True])
+        split(
+            [f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"],
+            f"{src}/self_attention/linear_0",
+            [True, False, True],
+        )
         linear(f"{attn}.out_proj", f"{src}/self_attention/linear_1")
         norm(f"{dst}.self_attn_layer_norm", f"{src}/self_attention/layer_norm")
         linear(f"{cross}.q_proj", f"{src}/attention/linear_0")

@@ -64,9 +64,14 @@ def read_audio(path: Path) -> np.ndarray:
         data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
     except Exception as first:  # noqa: BLE001 - soundfile raises several types for bad files
         try:
+            import warnings
+
             import librosa
 
-            mono, rate = librosa.load(str(path), sr=None, mono=True)
+            with warnings.catch_warnings():
+                # librosa warns before trying audioread; the outcome is reported either way
+                warnings.simplefilter("ignore")
+                mono, rate = librosa.load(str(path), sr=None, mono=True)
             data = np.asarray(mono, dtype=np.float32)[:, None]
         except Exception:  # noqa: BLE001
             raise AudioReadError(f"unreadable or corrupt audio ({first})") from None
@@ -75,7 +80,9 @@ def read_audio(path: Path) -> np.ndarray:
         import torch
         import torchaudio
 
-        mono = torchaudio.functional.resample(torch.from_numpy(np.ascontiguousarray(mono)), int(rate), SAMPLE_RATE).numpy()
+        mono = torchaudio.functional.resample(
+            torch.from_numpy(np.ascontiguousarray(mono)), int(rate), SAMPLE_RATE
+        ).numpy()
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
@@ -90,7 +97,11 @@ def read_metadata(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], list[Pr
             header = reader.fieldnames or []
             for key in ("file_name", "transcription"):
                 if key not in header:
-                    return [], [Problem(name, f"the header has no {key!r} column (found: {', '.join(header) or 'none'})", line=1)]
+                    return [], [
+                        Problem(
+                            name, f"the header has no {key!r} column (found: {', '.join(header) or 'none'})", line=1
+                        )
+                    ]
             for row in reader:
                 rows.append((reader.line_num, {k: v for k, v in row.items() if k is not None}))
     else:
@@ -172,7 +183,11 @@ def load_split(
             bad(line, f"{shown}: too short ({seconds:.3f} s < {MIN_SECONDS} s)")
             continue
         if seconds > MAX_SECONDS and not (long_form and split != "train"):
-            hint = " (long-form clips are accepted in held-out splits with speech.long_form: true)" if not long_form else " (training clips must fit Whisper's 30 s window)"
+            hint = (
+                " (long-form clips are accepted in held-out splits with speech.long_form: true)"
+                if not long_form
+                else " (training clips must fit Whisper's 30 s window)"
+            )
             bad(line, f"{shown}: too long ({seconds:.1f} s > {MAX_SECONDS:.0f} s){hint}")
             continue
         peak = float(np.abs(audio).max())
@@ -183,7 +198,10 @@ def load_split(
         if count_tokens is not None and max_label_tokens is not None:
             tokens = count_tokens(text)
             if tokens > max_label_tokens:
-                bad(line, f"{shown}: transcription is {tokens} tokens, more than the decoder allows ({max_label_tokens})")
+                bad(
+                    line,
+                    f"{shown}: transcription is {tokens} tokens, more than the decoder allows ({max_label_tokens})",
+                )
                 continue
         samples.append(SpeechSample(audio=audio, text=text, file=str(audio_path), line=line, language=language))
     return samples, problems, files

@@ -44,7 +44,9 @@ def merged_model(run: Any) -> tuple[Any, dict[str, Any]]:
     bundle = run.bundle
     model = bundle.model
     if not hasattr(model, "merge_and_unload"):
-        raise ExportError(f"peft.method {run.config.peft.method!r} cannot be merged into the base weights; use the adapter")
+        raise ExportError(
+            f"peft.method {run.config.peft.method!r} cannot be merged into the base weights; use the adapter"
+        )
     tolerance = run.config.settings.merge_tolerance
     model = model.float().eval()
     device = next(model.parameters()).device
@@ -60,7 +62,11 @@ def merged_model(run: Any) -> tuple[Any, dict[str, Any]]:
             f"merged export refused: the merged model's logits differ from base+adapter by up to {gap:.3g} "
             f"(tolerance speech.merge_tolerance = {tolerance:g})"
         )
-    return merged, {"max_abs_logit_gap": gap, "tolerance": tolerance, "positions": int(inputs["decoder_input_ids"].numel())}
+    return merged, {
+        "max_abs_logit_gap": gap,
+        "tolerance": tolerance,
+        "positions": int(inputs["decoder_input_ids"].numel()),
+    }
 
 
 def export_merged(run: Any, output_dir: Path) -> dict[str, Any]:
@@ -69,7 +75,11 @@ def export_merged(run: Any, output_dir: Path) -> dict[str, Any]:
     merged, parity = merged_model(run)
     merged.save_pretrained(str(output_dir), safe_serialization=True)
     run.bundle.processor.save_pretrained(str(output_dir))
-    return {"parity": parity, "architecture": type(merged).__name__, "files": sorted(p.name for p in Path(output_dir).iterdir())}
+    return {
+        "parity": parity,
+        "architecture": type(merged).__name__,
+        "files": sorted(p.name for p in Path(output_dir).iterdir()),
+    }
 
 
 def export_ct2(run: Any, output_dir: Path) -> dict[str, Any]:
@@ -86,8 +96,5 @@ def export_ct2(run: Any, output_dir: Path) -> dict[str, Any]:
         # faster-whisper reads the feature extractor settings from preprocessor_config.json
         run.bundle.processor.feature_extractor.save_pretrained(scratch)
         extra = [name for name in ("tokenizer.json", "preprocessor_config.json") if (Path(scratch) / name).is_file()]
-        TransformersConverter(scratch, copy_files=extra).convert(
-            str(output_dir), force=True
-        )
+        TransformersConverter(scratch, copy_files=extra).convert(str(output_dir), force=True)
     return {"parity": parity, "files": sorted(p.name for p in Path(output_dir).iterdir())}
-

@@ -11,7 +11,15 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import Field, field_validator
 
 from polyadapt.errors import ConfigError, DataError
-from polyadapt.modality import DatasetSplits, EvalResult, Modality, ModalitySettings, ModelBundle, PreparedSplit, RunContext
+from polyadapt.modality import (
+    DatasetSplits,
+    EvalResult,
+    Modality,
+    ModalitySettings,
+    ModelBundle,
+    PreparedSplit,
+    RunContext,
+)
 
 if TYPE_CHECKING:
     import click
@@ -31,7 +39,9 @@ class SpeechSettings(ModalitySettings):
         description="Language code of the audio (multilingual models), e.g. 'en', 'de'. None: the metadata's "
         "'language' column per clip, else English. English-only (.en) models take no language token.",
     )
-    task: Literal["transcribe", "translate"] = Field("transcribe", description="Whisper task token (multilingual models).")
+    task: Literal["transcribe", "translate"] = Field(
+        "transcribe", description="Whisper task token (multilingual models)."
+    )
     adapter_scope: Literal["both", "encoder", "decoder"] = Field(
         "both", description="With peft.target_modules 'auto': adapt encoder and decoder, or only one of them."
     )
@@ -47,7 +57,9 @@ class SpeechSettings(ModalitySettings):
     prompt_glossary: bool = Field(
         False, description="Give the decoder glossary.txt's terms as a previous-text prompt (training and decoding)."
     )
-    max_label_length: int = Field(225, ge=1, le=440, description="Longest transcription in tokens; longer clips are bad samples.")
+    max_label_length: int = Field(
+        225, ge=1, le=440, description="Longest transcription in tokens; longer clips are bad samples."
+    )
     pack_clips: bool = Field(
         False,
         description="Training only: join short clips (and their transcripts) into windows of up to 30 s, so one "
@@ -173,7 +185,9 @@ class SpeechModality(Modality):
             location, revision=ctx.config.base_revision, trust_remote_code=ctx.config.trust_remote_code
         )
         tokens = whisper_tokens(processor.tokenizer, model.config.vocab_size)
-        return ModelBundle(model=model, processor=processor, components={"tokens": tokens, "settings": ctx.settings}, info=info)
+        return ModelBundle(
+            model=model, processor=processor, components={"tokens": tokens, "settings": ctx.settings}, info=info
+        )
 
     def default_target_modules(self, bundle: ModelBundle, ctx: RunContext) -> list[str]:
         from .model import target_modules
@@ -267,7 +281,11 @@ class SpeechModality(Modality):
             sequence = [*prompt, *prefix, *text, tokens.eot]
             if len(text) > settings.max_label_length or len(sequence) > room:
                 problems.append(
-                    Problem(sample.file, f"transcription is {len(text)} tokens; the decoder fits {min(settings.max_label_length, room - len(prompt) - len(prefix) - 1)}", line=sample.line)
+                    Problem(
+                        sample.file,
+                        f"transcription is {len(text)} tokens; the decoder fits {min(settings.max_label_length, room - len(prompt) - len(prefix) - 1)}",
+                        line=sample.line,
+                    )
                 )
                 continue
             items.append(
@@ -283,7 +301,12 @@ class SpeechModality(Modality):
         if problems:
             raise DataError("clips the model cannot take", problems)
         seconds = sum(len(i["audio"]) for i in items) / 16_000
-        stats = {"clips": len(items), "seconds": round(seconds, 2), "label_tokens": sum(lengths), "prompt_tokens": len(prompt)}
+        stats = {
+            "clips": len(items),
+            "seconds": round(seconds, 2),
+            "label_tokens": sum(lengths),
+            "prompt_tokens": len(prompt),
+        }
         return PreparedSplit(items=items, lengths=lengths, stats=stats)
 
     def collate(self, bundle: ModelBundle, items: Sequence[Any], training: bool) -> dict[str, Any]:
@@ -296,7 +319,9 @@ class SpeechModality(Modality):
         for item in items:
             audio = item["audio"]
             if training and settings.speed_perturb:
-                audio = speed_perturb(audio, random.choice(settings.speed_factors))
+                # torch's generator, so the run seed decides the draws
+                factor = settings.speed_factors[int(torch.randint(len(settings.speed_factors), ()))]
+                audio = speed_perturb(audio, factor)
             clips.append(audio[: 16_000 * 30])
         width = max(len(c) for c in clips)
         audio = torch.zeros(len(clips), width)
@@ -337,7 +362,9 @@ class SpeechModality(Modality):
         )
 
     # -- evaluation and serving --------------------------------------------------------------------------------------
-    def transcribe(self, bundle: ModelBundle, audios: Sequence[Any], ctx: RunContext, language: str | None = None) -> list[str]:
+    def transcribe(
+        self, bundle: ModelBundle, audios: Sequence[Any], ctx: RunContext, language: str | None = None
+    ) -> list[str]:
         """Transcripts of 16 kHz mono clips with the current model; clips over 30 s are chunked and stitched."""
         from .transcribe import transcribe
 
@@ -354,7 +381,9 @@ class SpeechModality(Modality):
             batch_size=batch_size,
         )
 
-    def evaluate(self, bundle: ModelBundle, samples: Sequence[Any], ctx: RunContext, eval_loss: float | None) -> EvalResult:
+    def evaluate(
+        self, bundle: ModelBundle, samples: Sequence[Any], ctx: RunContext, eval_loss: float | None
+    ) -> EvalResult:
         from .metrics import error_rates, term_recall
 
         samples = list(samples)
@@ -365,13 +394,6 @@ class SpeechModality(Modality):
             metrics["eval_loss"] = float(eval_loss)
         metrics.update(error_rates(references, predictions))
         metrics.update(term_recall(references, predictions, glossary_for(ctx.config)))
-        general = self._general_samples(ctx)
-        if general:
-            general_predictions = self._transcribe_samples(bundle, general, ctx)
-            rates = error_rates([s.text for s in general], general_predictions)
-            if rates:
-                metrics["general_wer"] = rates["wer"]
-                metrics["general_cer"] = rates["cer"]
         examples = [
             {"file": s.file, "reference": s.text, "prediction": p, "seconds": round(s.seconds, 2)}
             for s, p in zip(samples, predictions, strict=True)
@@ -389,33 +411,24 @@ class SpeechModality(Modality):
                 predictions[i] = text
         return predictions
 
-    def _general_samples(self, ctx: RunContext) -> list[Any]:
-        """Held-out clips of ``eval.general_data`` (the forgetting check), read once per run."""
-        path = ctx.config.eval.general_data
-        if path is None:
-            return []
-        cache = getattr(self, "_general_cache", {})
-        key = str(Path(path).resolve())
-        if key not in cache:
-            from .data import load_dataset
-
-            found = load_dataset(Path(path), holdout=ctx.config.data.holdout, seed=ctx.config.train.seed, long_form=ctx.settings.long_form)
-            if found["problems"]:
-                raise DataError(f"eval.general_data {path}: bad samples", found["problems"])
-            samples = found["validation"] or found["train"]
-            if ctx.config.eval.max_samples:
-                samples = samples[: ctx.config.eval.max_samples]
-            cache[key] = samples
-            self._general_cache = cache
-        return cache[key]
-
     def infer_params(self) -> list[click.Parameter]:
         import click
 
         return [
-            click.Argument(["audio"], nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)),
-            click.Option(["--num-beams"], type=click.IntRange(1, 16), default=None, help="Beam size (default: the run's speech.num_beams)."),
-            click.Option(["--language"], default=None, help="Language code (multilingual models; default: the run's speech.language)."),
+            click.Argument(
+                ["audio"], nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+            ),
+            click.Option(
+                ["--num-beams"],
+                type=click.IntRange(1, 16),
+                default=None,
+                help="Beam size (default: the run's speech.num_beams).",
+            ),
+            click.Option(
+                ["--language"],
+                default=None,
+                help="Language code (multilingual models; default: the run's speech.language).",
+            ),
         ]
 
     def infer(self, bundle: ModelBundle, ctx: RunContext, options: dict[str, Any]) -> list[str]:

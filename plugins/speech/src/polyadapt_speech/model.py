@@ -50,12 +50,21 @@ class WhisperTokens:
             if language not in (None, "en", "english"):
                 raise ConfigError(f"language {language!r}: this is an English-only (.en) Whisper model")
             if task != "transcribe":
-                raise ConfigError(f"speech.task: {task!r} needs a multilingual Whisper model (this one is English-only)")
+                raise ConfigError(
+                    f"speech.task: {task!r} needs a multilingual Whisper model (this one is English-only)"
+                )
             return [self.sot, self.no_timestamps]
         code = language or "en"
         if code not in self.languages:
-            raise ConfigError(f"language {code!r} is not one of this model's languages ({', '.join(sorted(self.languages))})")
-        return [self.sot, self.languages[code], self.transcribe if task == "transcribe" else self.translate, self.no_timestamps]
+            raise ConfigError(
+                f"language {code!r} is not one of this model's languages ({', '.join(sorted(self.languages))})"
+            )
+        return [
+            self.sot,
+            self.languages[code],
+            self.transcribe if task == "transcribe" else self.translate,
+            self.no_timestamps,
+        ]
 
 
 def whisper_tokens(tokenizer: Any, vocab_size: int) -> WhisperTokens:
@@ -148,7 +157,9 @@ def load_ct2_whisper(directory: Path) -> tuple[Any, Any, dict[str, Any]]:
         model.tie_weights()
         missing = [m for m in missing if m != "proj_out.weight"]
     if missing or unexpected:
-        raise ConfigError(f"base: {directory}: CTranslate2 weights do not match Whisper (missing {missing}, unexpected {unexpected})")
+        raise ConfigError(
+            f"base: {directory}: CTranslate2 weights do not match Whisper (missing {missing}, unexpected {unexpected})"
+        )
     model.config._name_or_path = str(directory)
     model.generation_config = _generation_config(
         config,
@@ -170,7 +181,9 @@ def load_ct2_whisper(directory: Path) -> tuple[Any, Any, dict[str, Any]]:
     return model.float().eval(), processor, info
 
 
-def load_whisper(location: str | Path, *, revision: str | None = None, trust_remote_code: bool = False) -> tuple[Any, Any, dict[str, Any]]:
+def load_whisper(
+    location: str | Path, *, revision: str | None = None, trust_remote_code: bool = False
+) -> tuple[Any, Any, dict[str, Any]]:
     """Load a Whisper base from a local transformers or CTranslate2 directory, or a hub id.
 
     :return: ``(model, processor, info)``; ``info`` is recorded in the manifest.
@@ -182,7 +195,9 @@ def load_whisper(location: str | Path, *, revision: str | None = None, trust_rem
         model, processor, info = load_ct2_whisper(path)
     else:
         if path.exists() and not (path / "config.json").is_file():
-            raise ConfigError(f"base: {path} is neither a transformers model directory nor a CTranslate2 model directory")
+            raise ConfigError(
+                f"base: {path} is neither a transformers model directory nor a CTranslate2 model directory"
+            )
         kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
         try:
             model = WhisperForConditionalGeneration.from_pretrained(str(location), **kwargs)
@@ -215,7 +230,11 @@ def target_modules(model: Any, scope: str = "both") -> list[str]:
     """
     import torch
 
-    wanted = {"both": (".encoder.layers.", ".decoder.layers."), "encoder": (".encoder.layers.",), "decoder": (".decoder.layers.",)}[scope]
+    wanted = {
+        "both": (".encoder.layers.", ".decoder.layers."),
+        "encoder": (".encoder.layers.",),
+        "decoder": (".decoder.layers.",),
+    }[scope]
     full: list[str] = []
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and any(part in f".{name}" for part in wanted):

@@ -37,8 +37,17 @@ def _generation_model(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def decode_batch(bundle: Any, audios: Sequence[np.ndarray], *, device: Any, prefix: list[int], prompt: list[int], num_beams: int, max_new_tokens: int) -> list[str]:
-    """Transcribe clips of at most 30 s in one batch; the decoder starts from ``prompt + prefix``."""
+def generate_ids(
+    bundle: Any,
+    audios: Sequence[np.ndarray],
+    *,
+    device: Any,
+    prefix: list[int],
+    prompt: list[int],
+    num_beams: int,
+    max_new_tokens: int,
+) -> Any:
+    """Generated token ids (after ``prompt + prefix``, end token included) of clips of at most 30 s, in one batch."""
     import copy
 
     import torch
@@ -53,28 +62,48 @@ def decode_batch(bundle: Any, audios: Sequence[np.ndarray], *, device: Any, pref
     features = log_mel(batch.to(device), model.config.num_mel_bins).to(dtype)
     config = copy.deepcopy(model.generation_config)
     config.num_beams = num_beams
-    config.max_new_tokens = max_new_tokens
-    config.max_length = None
+    config.max_new_tokens = None
     config.return_timestamps = False
     config.forced_decoder_ids = None
     config.begin_suppress_tokens = list(config.begin_suppress_tokens or [])
     start = torch.tensor([[*prompt, *prefix]] * len(audios), dtype=torch.long, device=features.device)
+    config.max_length = start.shape[1] + max_new_tokens
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             # the generic encoder-decoder generate(), not Whisper's long-form wrapper: the decoder starts from exactly
             # the prompt + prefix that training used, and begin-suppression applies right after it
-            output = GenerationMixin.generate(model, input_features=features, decoder_input_ids=start, generation_config=config)
+            output = GenerationMixin.generate(
+                model,
+                input_features=features,
+                decoder_input_ids=start,
+                decoder_attention_mask=torch.ones_like(start),
+                generation_config=config,
+            )
     finally:
         model.train(was_training)
-    output = output[:, start.shape[1] :]
     sequences = output.sequences if hasattr(output, "sequences") else output
-    texts = bundle.processor.tokenizer.batch_decode(sequences, skip_special_tokens=True)
+    return sequences[:, start.shape[1] :].cpu()
+
+
+def decode_batch(bundle: Any, audios: Sequence[np.ndarray], **options: Any) -> list[str]:
+    """Transcripts of clips of at most 30 s, decoded in one batch (``options`` as for :func:`generate_ids`)."""
+    texts = bundle.processor.tokenizer.batch_decode(generate_ids(bundle, audios, **options), skip_special_tokens=True)
     return [t.strip() for t in texts]
 
 
-def transcribe(bundle: Any, audios: Sequence[np.ndarray], *, device: Any, prefix: list[int], prompt: list[int], num_beams: int, max_new_tokens: int, batch_size: int) -> list[str]:
+def transcribe(
+    bundle: Any,
+    audios: Sequence[np.ndarray],
+    *,
+    device: Any,
+    prefix: list[int],
+    prompt: list[int],
+    num_beams: int,
+    max_new_tokens: int,
+    batch_size: int,
+) -> list[str]:
     """Transcripts of 16 kHz mono clips of any length: long clips are split, pieces decoded in batches, then joined."""
     pieces: list[np.ndarray] = []
     owner: list[int] = []
@@ -88,7 +117,13 @@ def transcribe(bundle: Any, audios: Sequence[np.ndarray], *, device: Any, prefix
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         decoded = decode_batch(
-            bundle, [pieces[i] for i in chunk], device=device, prefix=prefix, prompt=prompt, num_beams=num_beams, max_new_tokens=max_new_tokens
+            bundle,
+            [pieces[i] for i in chunk],
+            device=device,
+            prefix=prefix,
+            prompt=prompt,
+            num_beams=num_beams,
+            max_new_tokens=max_new_tokens,
         )
         for i, text in zip(chunk, decoded, strict=True):
             texts[i] = text

@@ -1,0 +1,122 @@
+"""End to end on a tiny Whisper: adapt, reload, vanilla PEFT load, infer, merged and ct2 export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import polyadapt
+
+from .conftest import write_config, write_dataset
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_whisper):
+    root = tmp_path_factory.mktemp("speech-run")
+    data = write_dataset(root / "data", train=6, test=3)
+    config = write_config(root / "config.yaml", tiny_whisper, data, root / "run", train={"max_steps": 15})
+    return polyadapt.adapt(config)
+
+
+def _logits(model, bundle):
+    from polyadapt_speech.export import parity_inputs
+
+    with torch.no_grad():
+        return model(**parity_inputs(bundle, torch.device("cpu"))).logits
+
+
+def test_loss_falls_and_metrics_are_reported(finished_run):
+    manifest = json.loads((finished_run / "polyadapt.json").read_text())
+    before, after = manifest["metrics"]["before"], manifest["metrics"]["after"]
+    assert after["eval_loss"] < before["eval_loss"]
+    for key in ("wer", "cer", "term_recall"):
+        assert key in before and key in after
+    losses = [
+        json.loads(line)["loss"]
+        for line in (finished_run / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in line
+    ]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    assert (finished_run / "adapter_config.json").is_file() and (finished_run / "adapter_model.safetensors").is_file()
+    report = (finished_run / "report.html").read_text()
+    assert "Transcripts" in report and "<th>adapted</th>" in report
+
+
+def test_reload_matches_vanilla_peft_and_differs_from_base(finished_run, tiny_whisper):
+    from peft import PeftModel
+    from transformers import WhisperForConditionalGeneration
+
+    from polyadapt.lifecycle import load_run
+
+    run = load_run(finished_run)
+    ours = _logits(run.bundle.model, run.bundle)
+    again = _logits(load_run(finished_run).bundle.model, run.bundle)
+    assert torch.equal(ours, again)
+    base = WhisperForConditionalGeneration.from_pretrained(str(tiny_whisper)).eval()
+    base_logits = _logits(base, run.bundle)
+    vanilla = PeftModel.from_pretrained(base, str(finished_run)).eval()
+    assert torch.allclose(_logits(vanilla, run.bundle), ours, atol=1e-5)
+    assert not torch.allclose(base_logits, ours, atol=1e-3)
+
+
+def test_evaluate_reproduces_the_after_metrics(finished_run):
+    manifest = json.loads((finished_run / "polyadapt.json").read_text())
+    polyadapt.evaluate(finished_run)
+    record = json.loads((finished_run / "polyadapt.json").read_text())["evaluations"][-1]
+    for key in ("eval_loss", "wer", "cer"):
+        assert record["after"][key] == pytest.approx(manifest["metrics"]["after"][key], abs=1e-6)
+        assert record["before"][key] == pytest.approx(manifest["metrics"]["before"][key], abs=1e-6)
+
+
+def test_infer_prints_one_line_per_file(finished_run):
+    from polyadapt.cli import cli
+
+    clips = sorted((finished_run.parent / "data" / "test").glob("*.wav"))[:2]
+    result = CliRunner().invoke(cli, ["infer", str(finished_run), *map(str, clips)])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stdout.splitlines() if "\t" in line]
+    assert [line.split("\t")[0] for line in lines] == [str(c) for c in clips]
+
+
+def test_infer_names_an_unreadable_file(finished_run, tmp_path):
+    from polyadapt.cli import cli
+
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF1234WAVEnot really")
+    result = CliRunner().invoke(cli, ["infer", str(finished_run), str(bad)])
+    assert result.exit_code == 2
+    assert "bad.wav" in result.output and "unreadable or corrupt audio" in result.output
+
+
+def test_merged_export_runs_in_the_asr_pipeline(finished_run, tmp_path):
+    from transformers import pipeline
+
+    from polyadapt.export import export_run
+
+    record = export_run(finished_run, "merged", tmp_path / "merged")
+    assert record["parity"]["max_abs_logit_gap"] <= record["parity"]["tolerance"]
+    clip = sorted((finished_run.parent / "data" / "test").glob("*.wav"))[0]
+    asr = pipeline("automatic-speech-recognition", model=str(tmp_path / "merged"), device="cpu")
+    import soundfile as sf
+
+    audio, rate = sf.read(clip, dtype="float32")
+    out = asr({"raw": audio, "sampling_rate": rate}, generate_kwargs={"max_new_tokens": 5})
+    assert isinstance(out["text"], str)
+
+
+def test_ct2_export_reads_back_as_the_merged_weights(finished_run, tmp_path):
+    pytest.importorskip("ctranslate2")
+    from polyadapt.export import export_run
+    from polyadapt_speech.model import load_whisper
+
+    export_run(finished_run, "merged", tmp_path / "merged")
+    record = export_run(finished_run, "ct2", tmp_path / "ct2")
+    assert "model.bin" in record["files"] and "tokenizer.json" in record["files"]
+    merged, _, _ = load_whisper(tmp_path / "merged")
+    imported, _, info = load_whisper(tmp_path / "ct2")
+    assert info["format"] == "ctranslate2"
+    want, got = merged.state_dict(), imported.state_dict()
+    assert max((want[k] - got[k]).abs().max().item() for k in want) < 1e-6

@@ -1,0 +1,101 @@
+"""Labels, prefixes, prompts, packing and augmentation switches of the speech modality's batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .conftest import write_config, write_dataset
+
+
+def _setup(tmp_path, tiny_whisper, **speech):
+    from polyadapt.config import load_config
+    from polyadapt.lifecycle import resolve_base
+    from polyadapt.modality import RunContext
+    from polyadapt.plugins import get_plugin_manager
+
+    data = write_dataset(tmp_path / "data", train=4, test=1)
+    config = load_config(write_config(tmp_path / "c.yaml", tiny_whisper, data, tmp_path / "run", speech=speech))
+    modality = get_plugin_manager().get_modality("speech")
+    ctx = RunContext(config=config, base=resolve_base(config.base), device=torch.device("cpu"), dtype=torch.float32)
+    bundle = modality.load_base(ctx)
+    splits = modality.load_data(config, config.data.path)
+    return modality, bundle, ctx, splits
+
+
+def test_labels_learn_text_and_end_only(tmp_path, tiny_whisper):
+    modality, bundle, ctx, splits = _setup(tmp_path, tiny_whisper)
+    tokens = bundle.components["tokens"]
+    prepared = modality.prepare(bundle, splits.train, ctx, training=True)
+    assert prepared.lengths == [len(item["sequence"]) for item in prepared.items]
+    batch = modality.collate(bundle, prepared.items[:2], training=False)
+    first = prepared.items[0]["sequence"]
+    assert first[:2] == [tokens.sot, tokens.no_timestamps]  # English-only: no language or task token
+    assert first[-1] == tokens.eot
+    labels, inputs = batch["labels"][0], batch["decoder_input_ids"][0]
+    assert inputs[: len(first) - 1].tolist() == first[:-1]
+    # the given <|notimestamps|> is not a target; every text token and the end token are
+    assert labels[0].item() == -100
+    assert labels[1 : len(first) - 1].tolist() == first[2:]
+    text = bundle.processor.tokenizer.decode(first[2:-1])
+    assert text == " " + splits.train[0].text
+    assert batch["audio"].shape[0] == 2
+
+
+def test_glossary_prompt_precedes_the_prefix_and_is_not_learned(tmp_path, tiny_whisper):
+    modality, bundle, ctx, splits = _setup(tmp_path, tiny_whisper, prompt_glossary=True)
+    tokens = bundle.components["tokens"]
+    item = modality.prepare(bundle, splits.train[:1], ctx, training=True).items[0]
+    prompt_end = item["sequence"].index(tokens.sot)
+    assert item["sequence"][0] == tokens.prev and prompt_end > 1
+    assert "HarborFlex Checking" in bundle.processor.tokenizer.decode(item["sequence"][1:prompt_end])
+    labels = modality.collate(bundle, [item], training=False)["labels"][0]
+    assert (labels[: item["first_target"] - 1] == -100).all()
+    assert (labels[item["first_target"] - 1 :] != -100).any()
+
+
+def test_packing_joins_clips_into_fewer_windows(tmp_path, tiny_whisper):
+    modality, bundle, ctx, splits = _setup(tmp_path, tiny_whisper, pack_clips=True)
+    packed = modality.prepare(bundle, splits.train, ctx, training=True)
+    single = modality.prepare(bundle, splits.train, ctx, training=False)
+    assert len(single.items) == len(splits.train) == 4
+    assert len(packed.items) == 1  # four 3-4 s clips fit one 30 s window
+    words = bundle.processor.tokenizer.decode(packed.items[0]["sequence"], skip_special_tokens=True).split()
+    assert len(words) == sum(len(s.text.split()) for s in splits.train)
+    gap = int(0.4 * 16_000)
+    assert len(packed.items[0]["audio"]) == sum(len(s.audio) for s in splits.train) + 3 * gap
+
+
+@pytest.mark.parametrize(
+    "switch",
+    [{"specaugment": True}, {"speed_perturb": True, "speed_factors": [0.9, 1.1]}],
+    ids=["specaugment", "speed"],
+)
+def test_augmentation_changes_training_loss_only(tmp_path, tiny_whisper, switch):
+    modality, bundle, ctx, splits = _setup(tmp_path, tiny_whisper, **switch)
+    items = modality.prepare(bundle, splits.train[:2], ctx, training=True).items
+    model = bundle.model
+    model.eval()
+    with torch.no_grad():
+        plain = [
+            modality.compute_loss(bundle, model, modality.collate(bundle, items, training=False)) for _ in range(2)
+        ]
+        assert plain[0].item() == plain[1].item()  # evaluation batches are deterministic
+        model.train()
+        torch.manual_seed(1)
+        augmented = modality.compute_loss(bundle, model, modality.collate(bundle, items, training=True))
+    assert torch.isfinite(augmented) and augmented.item() != plain[0].item()
+
+
+def test_features_on_the_cpu_give_the_same_loss(tmp_path, tiny_whisper):
+    modality, bundle, ctx, splits = _setup(tmp_path, tiny_whisper, features_on_device=False)
+    items = modality.prepare(bundle, splits.train[:2], ctx, training=False).items
+    bundle.model.eval()
+    cpu_batch = modality.collate(bundle, items, training=False)
+    assert "input_features" in cpu_batch and "audio" not in cpu_batch
+    bundle.components["settings"] = bundle.components["settings"].model_copy(update={"features_on_device": True})
+    device_batch = modality.collate(bundle, items, training=False)
+    with torch.no_grad():
+        a = modality.compute_loss(bundle, bundle.model, cpu_batch)
+        b = modality.compute_loss(bundle, bundle.model, device_batch)
+    assert a.item() == pytest.approx(b.item(), abs=1e-6)
