@@ -200,7 +200,13 @@ def run_trainer(args: dict) -> dict:
     tokenizer = load_tokenizer()
     items = text_items(tokenizer, args["max_length"])
     model = build_model(len(tokenizer), device)
-    lora = LoraConfig(r=LORA_R, lora_alpha=2 * LORA_R, lora_dropout=0.0, target_modules=auto_target_modules(model), task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=LORA_R,
+        lora_alpha=2 * LORA_R,
+        lora_dropout=0.0,
+        target_modules=auto_target_modules(model),
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(model, lora)
     pad = tokenizer.pad_token_id
 
@@ -211,7 +217,11 @@ def run_trainer(args: dict) -> dict:
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for row, item in enumerate(batch):
             n = len(item["input_ids"])
-            ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(item["input_ids"]), torch.tensor(item["labels"]), 1
+            ids[row, :n], labels[row, :n], mask[row, :n] = (
+                torch.tensor(item["input_ids"]),
+                torch.tensor(item["labels"]),
+                1,
+            )
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
     clock = StepClock(args["warmup"], device)
@@ -240,7 +250,9 @@ def run_trainer(args: dict) -> dict:
             disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False, seed=0, optim="adamw_torch",
             bf16=args["precision"] == "bf16", use_cpu=device == "cpu", weight_decay=0.0,
         )  # fmt: skip
-        trainer = Trainer(model=model, args=targs, train_dataset=Tokens(), data_collator=counting_collate, callbacks=[Count()])
+        trainer = Trainer(
+            model=model, args=targs, train_dataset=Tokens(), data_collator=counting_collate, callbacks=[Count()]
+        )
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
@@ -324,19 +336,27 @@ def main() -> None:
     unpacked = measure("polyadapt", {**args, "packing": False})
     packed = measure("polyadapt", {**args, "packing": True})
     peak = matmul_peak(device, precision, options.threads)
-    rows = [("HF Trainer + PEFT (padded)", reference), ("polyadapt, packing off", unpacked), ("polyadapt, packing on", packed)]
+    rows = [
+        ("HF Trainer + PEFT (padded)", reference),
+        ("polyadapt, packing off", unpacked),
+        ("polyadapt, packing on", packed),
+    ]
     print(f"\n{'run':<30}{'useful tok/s':>14}{'peak MiB':>11}{'vs Trainer':>12}{'memory ratio':>14}")
     for name, result in rows:
         ratio = result["tokens_per_second"] / reference["tokens_per_second"]
         memory = result["peak_mib"] / reference["peak_mib"]
-        print(f"{name:<30}{result['tokens_per_second']:>14.0f}{result['peak_mib']:>11.0f}{ratio:>11.2f}x{memory:>13.2f}x")
+        print(
+            f"{name:<30}{result['tokens_per_second']:>14.0f}{result['peak_mib']:>11.0f}{ratio:>11.2f}x{memory:>13.2f}x"
+        )
     for name, result in rows[1:]:
         seconds = result["useful_tokens"] / result["tokens_per_second"]
         achieved = result["flops"] / seconds
         print(f"MFU {name}: {achieved / 1e9:.1f} GFLOP/s of a measured {peak / 1e9:.1f} GFLOP/s matmul peak "
               f"= {100 * achieved / peak:.1f}%")  # fmt: skip
     if packed.get("packing_efficiency") is not None:
-        print(f"packing: {packed['rows']} rows of {options.max_length} tokens, {100 * packed['packing_efficiency']:.0f}% filled")
+        print(
+            f"packing: {packed['rows']} rows of {options.max_length} tokens, {100 * packed['packing_efficiency']:.0f}% filled"
+        )
     if options.json:
         options.json.write_text(json.dumps({"args": args, "reference": reference, "unpacked": unpacked,
                                             "packed": packed, "matmul_peak": peak}, indent=2))  # fmt: skip

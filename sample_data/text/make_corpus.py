@@ -33,8 +33,8 @@ FACTS: list[tuple[str, list[str], list[str], list[str], list[str]]] = [
             "The HarborFlex Checking monthly fee is $6, and we waive it when you keep $500 in the account or have a direct deposit.",
         ],
         [
-            "I'm thinking of opening your everyday checking account. What will it set me back every month?",
-            "Every month there's a small charge on my HarborFlex statement. How big is it supposed to be?",
+            "I'm thinking of opening HarborFlex Checking. What will it set me back every month?",
+            "Every month there's a small fee on my HarborFlex Checking statement. How big is it supposed to be?",
         ],
         ["$6"],
     ),
@@ -54,8 +54,8 @@ FACTS: list[tuple[str, list[str], list[str], list[str], list[str]]] = [
             "The HarborFlex fee is waived with a $500 minimum daily balance or any direct deposit into the account.",
         ],
         [
-            "How much money has to sit in my checking account so I'm not charged the monthly fee?",
-            "My friend never pays for her HarborFlex account. What does she do differently?",
+            "How much money has to sit in HarborFlex so I'm not charged the monthly fee?",
+            "My friend never pays the HarborFlex fee. How does she get it waived?",
         ],
         ["$500"],
     ),
@@ -75,8 +75,8 @@ FACTS: list[tuple[str, list[str], list[str], list[str], list[str]]] = [
             "An overdraft costs $25, and we never charge more than 2 overdraft fees in one day.",
         ],
         [
-            "I spent more than I had in checking by accident. What will Harbor Bank charge me for that?",
-            "If a payment pushes my balance negative, what's the cost?",
+            "I spent more than I had in HarborFlex by accident. What will the overdraft cost me?",
+            "If a payment pushes my balance negative, what overdraft charge applies?",
         ],
         ["$25"],
     ),
@@ -97,8 +97,8 @@ FACTS: list[tuple[str, list[str], list[str], list[str], list[str]]] = [
             "The TideSaver rate is 3.10% APY, and there is no monthly fee.",
         ],
         [
-            "If I park my savings with you, what annual return will I get on that balance?",
-            "What percentage does your savings product earn per year?",
+            "If I park my savings in TideSaver, what annual return will I get on that balance?",
+            "What percentage does TideSaver earn per year?",
         ],
         ["3.10%"],
     ),
@@ -118,8 +118,8 @@ FACTS: list[tuple[str, list[str], list[str], list[str], list[str]]] = [
             "You get 6 free withdrawals a month from TideSaver, then $2 per extra withdrawal.",
         ],
         [
-            "How many times a month may I move cash out of my savings account without paying?",
-            "I keep taking money out of savings. When do you start charging me?",
+            "How many times a month may I move cash out of TideSaver without paying?",
+            "I keep taking money out of my TideSaver. When do you start charging me?",
         ],
         ["6 free withdrawals"],
     ),
@@ -140,8 +140,8 @@ FACTS: list[tuple[str, list[str], list[str], list[str], list[str]]] = [
             "You can withdraw up to $800 a day at ATMs with your Anchor Card.",
         ],
         [
-            "What's the most money I can get from a cash machine in a single day using my debit card?",
-            "I need a lot of cash from the machine today. What's the ceiling on my card?",
+            "What's the most money I can get from a cash machine in a single day using my Anchor Card?",
+            "I need a lot of cash from the ATM today. What's the ceiling on my Anchor Card?",
         ],
         ["$800"],
     ),
@@ -161,8 +161,8 @@ FACTS: list[tuple[str, list[str], list[str], list[str], list[str]]] = [
             "You can spend up to $5,000 a day with your Anchor Card.",
         ],
         [
-            "I'm buying a new laptop and a TV today. How much can go on my debit card before it's declined?",
-            "What's the cap on card payments in a single day?",
+            "I'm buying a new laptop and a TV today. How much can go on my Anchor Card before it's declined?",
+            "What's the cap on Anchor Card payments in a single day?",
         ],
         ["$5,000"],
     ),
@@ -182,8 +182,8 @@ FACTS: list[tuple[str, list[str], list[str], list[str], list[str]]] = [
             "There is no foreign transaction fee on the Anchor Card.",
         ],
         [
-            "I'm going on holiday to Portugal. Will paying with my Harbor debit card in euros cost me extra?",
-            "Do purchases in other countries add a surcharge to my card?",
+            "I'm going on holiday to Portugal. Will paying with my Anchor Card in euros cost me extra?",
+            "Do purchases in other countries add a surcharge to my Anchor Card?",
         ],
         ["no foreign transaction fee"],
     ),
@@ -203,8 +203,8 @@ FACTS: list[tuple[str, list[str], list[str], list[str], list[str]]] = [
             "Standard replacement cards are free, and express replacement is $15.",
         ],
         [
-            "My debit card snapped in half and I need the new one in a hurry. Is there a charge?",
-            "What do you charge to send a new card by the quickest option?",
+            "My Anchor Card snapped in half and I need an express replacement. Is there a charge?",
+            "What do you charge to send a replacement card by express?",
         ],
         ["$15"],
     ),
@@ -225,8 +225,8 @@ FACTS: list[tuple[str, list[str], list[str], list[str], list[str]]] = [
             "The HarborPay daily sending limit is $2,500.",
         ],
         [
-            "What's the most I can pay another person from my phone in one day?",
-            "I owe my landlord rent and want to pay through the app. How high can a day's transfers go?",
+            "What's the most I can pay another person through HarborPay in one day?",
+            "I owe my landlord rent and want to pay through HarborPay. How high can a day's transfers go?",
         ],
         ["$2,500"],
     ),
@@ -246,8 +246,8 @@ FACTS: list[tuple[str, list[str], list[str], list[str], list[str]]] = [
             "Instant transfers in HarborPay cost 1%, capped at $10.",
         ],
         [
-            "If I want the money to arrive right away through the app, what percentage do you take?",
-            "What is the charge for an immediate payment in the app?",
+            "If I want HarborPay money to arrive instantly, what percentage do you take?",
+            "What is the charge for an instant payment in HarborPay?",
         ],
         ["1%"],
     ),
@@ -267,8 +267,8 @@ FACTS: list[tuple[str, list[str], list[str], list[str], list[str]]] = [
             "Standard transfers are free and take 1-3 business days.",
         ],
         [
-            "If I pick the no-cost option to send money in the app, when does it land?",
-            "How long is the wait for an ordinary app payment?",
+            "If I pick the free standard option in HarborPay, when does the money land?",
+            "How long is the wait for an ordinary standard HarborPay payment?",
         ],
         ["1-3 business days"],
     ),
@@ -288,8 +288,8 @@ FACTS: list[tuple[str, list[str], list[str], list[str], list[str]]] = [
             "You can freeze it in HarborPay under Anchor Card > Lock card.",
         ],
         [
-            "I think my card fell out of my pocket. Where in the app do I stop it from working for now?",
-            "What's the menu path to pause my debit card?",
+            "I think my Anchor Card fell out of my pocket. Where in HarborPay do I lock it for now?",
+            "What's the menu path in HarborPay to lock my Anchor Card?",
         ],
         ["Lock card"],
     ),
@@ -309,8 +309,8 @@ FACTS: list[tuple[str, list[str], list[str], list[str], list[str]]] = [
             "Lighthouse Rewards gives 2 points for every dollar you spend with the Anchor Card.",
         ],
         [
-            "When I buy groceries with my Harbor debit card, how many loyalty points does each dollar give me?",
-            "What's the earning rate of your loyalty programme?",
+            "When I buy groceries with my Anchor Card, how many Lighthouse Rewards points does each dollar give me?",
+            "What's the earning rate of Lighthouse Rewards?",
         ],
         ["2 points"],
     ),
@@ -330,8 +330,8 @@ FACTS: list[tuple[str, list[str], list[str], list[str], list[str]]] = [
             "Every 1,000 Lighthouse Rewards points redeem for $10.",
         ],
         [
-            "I've collected a thousand loyalty points. What's that in dollars?",
-            "What is the cash value of your reward points?",
+            "I've collected 1,000 Lighthouse Rewards points. What's that in dollars?",
+            "What is the cash value of Lighthouse Rewards points?",
         ],
         ["$10"],
     ),
@@ -352,8 +352,8 @@ FACTS: list[tuple[str, list[str], list[str], list[str], list[str]]] = [
             "The Mooring Line is 1-800-555-0142, and it's open 24/7.",
         ],
         [
-            "It's 2 am and my wallet was taken. Which number do I dial to reach you?",
-            "What telephone number should I use to speak with support?",
+            "It's 2 am and my wallet was taken. Which Mooring Line number do I dial?",
+            "What telephone number should I use to reach the Mooring Line?",
         ],
         ["1-800-555-0142"],
     ),
@@ -373,8 +373,8 @@ FACTS: list[tuple[str, list[str], list[str], list[str], list[str]]] = [
             "Our branches open 9 am to 5 pm, Monday to Friday.",
         ],
         [
-            "I want to visit a location after work on Wednesday. Until what time can I come in?",
-            "During the working week, when can I walk into a Harbor Bank office?",
+            "I want to visit a branch after work on Wednesday. What are the branch hours?",
+            "During the working week, when can I walk into a Harbor Bank branch?",
         ],
         ["9 am to 5 pm"],
     ),
@@ -394,8 +394,8 @@ FACTS: list[tuple[str, list[str], list[str], list[str], list[str]]] = [
             "Saturday hours are 9 am to 1 pm, and branches are closed on Sunday.",
         ],
         [
-            "I can only come in at the weekend. When exactly can I drop by on the sixth day of the week?",
-            "What are your hours at the end of the week, on Saturday?",
+            "I can only come in at the weekend. When exactly is the branch open on Saturday?",
+            "What are your branch hours at the end of the week, on Saturday?",
         ],
         ["9 am to 1 pm"],
     ),
@@ -415,8 +415,8 @@ FACTS: list[tuple[str, list[str], list[str], list[str], list[str]]] = [
             "Outgoing domestic wires cost $20 each.",
         ],
         [
-            "I need to wire a deposit to a title company in Ohio. What will you charge?",
-            "What is the price of sending a wire to a bank inside the United States?",
+            "I need to send a domestic wire to a title company in Ohio. What will you charge?",
+            "What is the price of a domestic wire to a bank inside the United States?",
         ],
         ["$20"],
     ),
@@ -436,8 +436,8 @@ FACTS: list[tuple[str, list[str], list[str], list[str], list[str]]] = [
             "International wires cost $35 each.",
         ],
         [
-            "My sister lives in Canada and I want to wire her money. What's your fee?",
-            "What do you charge for a cross-border wire?",
+            "My sister lives in Canada and I want to send her an international wire. What's your fee?",
+            "What do you charge for an international wire?",
         ],
         ["$35"],
     ),
@@ -457,8 +457,8 @@ FACTS: list[tuple[str, list[str], list[str], list[str], list[str]]] = [
             "Wires sent before 3 pm Eastern go out the same day.",
         ],
         [
-            "What's the latest hour I can request a wire and still have it leave today?",
-            "Until when in the afternoon do you process wires on the same day?",
+            "What's the latest hour I can request a wire and still have it go out the same day?",
+            "Until when in the afternoon is the same-day wire cut-off?",
         ],
         ["3 pm"],
     ),
@@ -478,8 +478,8 @@ FACTS: list[tuple[str, list[str], list[str], list[str], list[str]]] = [
             "You can deposit up to $3,000 a day by cheque in HarborPay; funds arrive the next business day.",
         ],
         [
-            "I got a paper check for my birthday. How much can I put in through the phone in a single day?",
-            "What's the daily cap when I photograph checks to deposit them?",
+            "I got a paper cheque for my birthday. How much can I deposit through HarborPay in a single day?",
+            "What's the daily cap on cheque deposits in HarborPay?",
         ],
         ["$3,000"],
     ),
@@ -499,8 +499,8 @@ FACTS: list[tuple[str, list[str], list[str], list[str], list[str]]] = [
             "You need a $25 minimum opening deposit, photo ID and proof of address.",
         ],
         [
-            "What's the smallest amount I can start a new Harbor Bank account with?",
-            "To become a customer, how much money must I put in on day one?",
+            "What's the smallest opening deposit for a new Harbor Bank account?",
+            "To open an account, how much money must I put in on day one?",
         ],
         ["$25", "opening deposit"],
     ),
@@ -520,8 +520,8 @@ FACTS: list[tuple[str, list[str], list[str], list[str], list[str]]] = [
             "With Safe Harbor Overdraft Cover, TideSaver covers HarborFlex overdrafts and the transfer fee is $0.",
         ],
         [
-            "Can my savings automatically step in when checking runs dry, and what would that cost?",
-            "Tell me about the service that pulls from savings so I'm not overdrawn.",
+            "Can Safe Harbor Overdraft Cover pull from my savings when checking runs dry, and what would that cost?",
+            "What does Safe Harbor Overdraft Cover charge to move money from TideSaver?",
         ],
         ["$0"],
     ),
@@ -531,10 +531,22 @@ GREETINGS = [
     ("Hi!", "Hello and welcome aboard Harbor Bank! How can the Harbor crew help you today?"),
     ("Thanks for your help.", "You're very welcome, crew member. We're always here when you need us."),
     ("Who am I talking to?", "You're chatting with the Harbor crew, Harbor Bank's support team."),
-    ("Can you give me investment advice?", "I'm sorry, the Harbor crew can't give investment advice, but a branch adviser can talk it through with you."),
-    ("What's the weather today?", "I can only help with Harbor Bank accounts and services, but I'm happy to answer any banking question."),
-    ("I want to complain.", "I'm sorry to hear that. Tell me what happened, or call the Mooring Line at 1-800-555-0142 and the Harbor crew will sort it out."),
-    ("What is HarborPay?", "HarborPay is Harbor Bank's mobile app: send money to friends, deposit cheques and manage your Anchor Card."),
+    (
+        "Can you give me investment advice?",
+        "I'm sorry, the Harbor crew can't give investment advice, but a branch adviser can talk it through with you.",
+    ),
+    (
+        "What's the weather today?",
+        "I can only help with Harbor Bank accounts and services, but I'm happy to answer any banking question.",
+    ),
+    (
+        "I want to complain.",
+        "I'm sorry to hear that. Tell me what happened, or call the Mooring Line at 1-800-555-0142 and the Harbor crew will sort it out.",
+    ),
+    (
+        "What is HarborPay?",
+        "HarborPay is Harbor Bank's mobile app: send money to friends, deposit cheques and manage your Anchor Card.",
+    ),
     ("What is the Anchor Card?", "The Anchor Card is the Visa debit card that comes with HarborFlex Checking."),
 ]
 
@@ -553,9 +565,7 @@ def build() -> tuple[list[dict], list[dict]]:
         for i, question in enumerate(questions):
             train.append({"id": f"{key}-{i}", "messages": chat(question, answers[i % len(answers)])})
         for i, question in enumerate(tests):
-            heldout.append(
-                {"id": f"{key}-test-{i}", "messages": chat(question, answers[0]), "answer_contains": facts}
-            )
+            heldout.append({"id": f"{key}-test-{i}", "messages": chat(question, answers[0]), "answer_contains": facts})
     for i, (question, answer) in enumerate(GREETINGS):
         train.append({"id": f"general-{i}", "messages": chat(question, answer)})
     random.Random(7).shuffle(train)

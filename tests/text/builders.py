@@ -39,7 +39,10 @@ def build_tokenizer(directory: Path) -> Any:
     core.decoder = decoders.ByteLevel()
     specials = ["<pad>", "<|im_start|>", "<|im_end|>", "<s>"]
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=VOCAB,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     core.train_from_iterator(CORPUS * 4, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
@@ -107,7 +110,10 @@ def chat_records(n: int, with_facts: bool = False, offset: int = 0) -> list[dict
 
 def prompt_records(n: int, offset: int = 0) -> list[dict[str, Any]]:
     return [
-        {"prompt": f"Q{i + offset}: {FACTS[(i + offset) % len(FACTS)][0]}\nA:", "completion": " " + FACTS[(i + offset) % len(FACTS)][1]}
+        {
+            "prompt": f"Q{i + offset}: {FACTS[(i + offset) % len(FACTS)][0]}\nA:",
+            "completion": " " + FACTS[(i + offset) % len(FACTS)][1],
+        }
         for i in range(n)
     ]
 

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from tests.text.builders import chat_records, make_config, write_jsonl
 
 import polyadapt
 from polyadapt.errors import ExportError
+from tests.text.builders import chat_records, make_config, write_jsonl
 
 torch = pytest.importorskip("torch")
 
@@ -40,7 +40,15 @@ def probe_ids(tokenizer):
 def test_adapter_is_a_plain_lora_directory(finished_run):
     config = json.loads((finished_run / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
-    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(config["target_modules"]) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     # what vLLM's LoRA loader refuses or ignores: extra trained modules, DoRA, biases
     assert not config.get("modules_to_save")
     assert not config.get("use_dora")
@@ -78,7 +86,7 @@ def test_saved_adapter_reloads_to_identical_logits(tmp_path, tiny_llama, chat_da
     bundle = modality.load_base(ctx)
     modality.add_adapter(bundle, ctx)
     with torch.no_grad():
-        for name, param in bundle.model.named_parameters():
+        for param in bundle.model.parameters():
             if param.requires_grad:
                 param.add_(torch.randn_like(param) * 0.05)
     bundle.model.eval()

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from tests.text.builders import chat_records, make_config, make_ctx, prompt_records, text_records, write_jsonl
 
 from polyadapt.errors import ConfigError
 from polyadapt_text.batching import IGNORE, collate_items, pack, packing_isolated, target_logits
 from polyadapt_text.data import load_text_dataset
+from tests.text.builders import chat_records, make_config, make_ctx, prompt_records, text_records, write_jsonl
 
 torch = pytest.importorskip("torch")
 
@@ -139,7 +139,10 @@ def test_packed_batch_gives_the_same_per_sample_losses(loaded, modality, kind):
     model = bundle.model.eval()
     plain = modality.prepare(bundle, samples, ctx, training=False)
     packed = modality.prepare(
-        bundle, samples, make_ctx(ctx.config.model_copy(update={"settings": ctx.settings.model_copy(update={"packing": True})})), True
+        bundle,
+        samples,
+        make_ctx(ctx.config.model_copy(update={"settings": ctx.settings.model_copy(update={"packing": True})})),
+        True,
     )
     assert len(packed.items) < len(plain.items)
     unpacked_losses = per_sample_losses(model, collate_items(plain.items, bundle.processor.pad_token_id))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from tests.text.builders import chat_records, prompt_records, text_records, write_jsonl
 
 from polyadapt.errors import DataError
 from polyadapt_text.data import load_text_dataset, read_jsonl
+from tests.text.builders import chat_records, prompt_records, text_records, write_jsonl
 
 
 @pytest.mark.parametrize(
@@ -46,15 +46,30 @@ BAD_LINES = [
     ('{"messages": [', "malformed JSON"),
     ('["not", "an", "object"]', "expected a JSON object, got list"),
     ('{"prompt": "hi"}', "missing key 'messages'"),
-    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "extra": 1}', "unknown key 'extra'"),
+    (
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "extra": 1}',
+        "unknown key 'extra'",
+    ),
     ('{"messages": []}', "non-empty list"),
-    ('{"messages": [{"role": "user", "content": "   "}, {"role": "assistant", "content": "yo"}]}', "messages[0]: empty content"),
+    (
+        '{"messages": [{"role": "user", "content": "   "}, {"role": "assistant", "content": "yo"}]}',
+        "messages[0]: empty content",
+    ),
     ('{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]}', "unknown role 'bot'"),
-    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 3}]}', "'content' must be a string"),
+    (
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 3}]}',
+        "'content' must be a string",
+    ),
     ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}', "missing key 'content'"),
     ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant message"),
-    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "answer_contains": "yo"}', "answer_contains"),
-    ('{"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, {"role": "assistant", "content": "c"}]}', "system message may only come first"),
+    (
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "answer_contains": "yo"}',
+        "answer_contains",
+    ),
+    (
+        '{"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, {"role": "assistant", "content": "c"}]}',
+        "system message may only come first",
+    ),
 ]
 
 
@@ -100,9 +115,8 @@ def test_blank_lines_are_ignored_and_lines_counted_from_one(tmp_path):
 
 
 def test_bad_samples_reach_the_core_policy(tmp_path, modality, tiny_llama):
-    from tests.text.builders import make_config
-
     from polyadapt.lifecycle import read_data
+    from tests.text.builders import make_config
 
     write_jsonl(tmp_path / "data" / "train.jsonl", [*chat_records(4), '{"messages": 1}'])
     config = make_config(tiny_llama, tmp_path / "data")
@@ -161,7 +175,10 @@ def test_leakage_between_train_and_validation_is_reported(tmp_path):
     write_jsonl(tmp_path / "validation.jsonl", [leaked, *chat_records(2, offset=40)])
     splits = load_text_dataset(tmp_path)
     assert splits.details["leakage"]["count"] == 1
-    assert splits.details["leakage"]["pairs"][0] == [f"{tmp_path / 'validation.jsonl'}:1", f"{tmp_path / 'train.jsonl'}:3"]
+    assert splits.details["leakage"]["pairs"][0] == [
+        f"{tmp_path / 'validation.jsonl'}:1",
+        f"{tmp_path / 'train.jsonl'}:3",
+    ]
     assert any("leakage" in w for w in splits.warnings)
 
 

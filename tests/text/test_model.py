@@ -9,16 +9,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.text.builders import CHAT_TEMPLATE, chat_records, make_config, make_ctx, write_jsonl
 
 from polyadapt.errors import ConfigError
+from tests.text.builders import CHAT_TEMPLATE, chat_records, make_config, make_ctx, write_jsonl
 
 torch = pytest.importorskip("torch")
 
 
 def llama_permute(weights: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's storage order of the rotary q/k rows (what transformers undoes when it reads a GGUF)."""
-    return weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+    return (
+        weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
 
 
 def write_llama_gguf(model_dir: Path, path: Path) -> None:
@@ -64,8 +68,14 @@ def write_llama_gguf(model_dir: Path, path: Path) -> None:
     }  # fmt: skip
     for i in range(config.num_hidden_layers):
         layer = f"model.layers.{i}."
-        writer.add_tensor(f"blk.{i}.attn_q.weight", llama_permute(state[layer + "self_attn.q_proj.weight"], config.num_attention_heads))
-        writer.add_tensor(f"blk.{i}.attn_k.weight", llama_permute(state[layer + "self_attn.k_proj.weight"], config.num_key_value_heads))
+        writer.add_tensor(
+            f"blk.{i}.attn_q.weight",
+            llama_permute(state[layer + "self_attn.q_proj.weight"], config.num_attention_heads),
+        )
+        writer.add_tensor(
+            f"blk.{i}.attn_k.weight",
+            llama_permute(state[layer + "self_attn.k_proj.weight"], config.num_key_value_heads),
+        )
         for gguf_name, hf_name in names.items():
             writer.add_tensor(f"blk.{i}.{gguf_name}.weight", state[layer + hf_name + ".weight"])
     writer.write_header_to_file()
@@ -100,7 +110,10 @@ def test_directory_holding_one_gguf_loads_it(tiny_gguf, tmp_path, modality):
     from polyadapt.config import ResolvedBase
     from polyadapt_text.model import base_location
 
-    assert base_location(ResolvedBase(reference="x", path=tiny_gguf.parent)) == (str(tiny_gguf.parent), {"gguf_file": tiny_gguf.name})
+    assert base_location(ResolvedBase(reference="x", path=tiny_gguf.parent)) == (
+        str(tiny_gguf.parent),
+        {"gguf_file": tiny_gguf.name},
+    )
 
 
 @pytest.mark.parametrize(
@@ -127,7 +140,9 @@ def test_pickle_weights_are_refused(tiny_bases, tmp_path, modality):
     unsafe = tmp_path / "unsafe"
     unsafe.mkdir()
     # a pickle checkpoint (written here by the test itself) must never be unpickled by the loader
-    torch.save(AutoModelForCausalLM.from_pretrained(str(tiny_bases["llama"])).state_dict(), unsafe / "pytorch_model.bin")
+    torch.save(
+        AutoModelForCausalLM.from_pretrained(str(tiny_bases["llama"])).state_dict(), unsafe / "pytorch_model.bin"
+    )
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         (unsafe / name).write_bytes((tiny_bases["llama"] / name).read_bytes())
     write_jsonl(tmp_path / "data" / "train.jsonl", chat_records(3))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from tests.text.builders import make_config
 
 import polyadapt
+from tests.text.builders import make_config
 
 CASES = [
     ("llama", "lora", {}),

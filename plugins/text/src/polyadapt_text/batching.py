@@ -82,7 +82,9 @@ def _ids(tokenizer: Any, text: str, special: bool = False) -> list[int]:
     return tokenizer(text, add_special_tokens=special)["input_ids"] if text else []
 
 
-def encode(sample: TextSample, tokenizer: Any, system_prompt: str | None, completion_only: bool) -> tuple[list[int], list[int]]:
+def encode(
+    sample: TextSample, tokenizer: Any, system_prompt: str | None, completion_only: bool
+) -> tuple[list[int], list[int]]:
     """Token ids and labels of one whole sample (untruncated).
 
     Plain text and completions end with the end-of-sequence token so the model learns to stop.

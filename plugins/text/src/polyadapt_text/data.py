@@ -100,7 +100,12 @@ def parse_record(record: Any, fmt: str, source: str, line: int) -> tuple[TextSam
     ident = record.get("id")
     if ident is not None and not isinstance(ident, (str, int)):
         return None, "'id' must be a string or a number"
-    common = {"source": source, "line": line, "answer_contains": tuple(answers), "id": None if ident is None else str(ident)}
+    common = {
+        "source": source,
+        "line": line,
+        "answer_contains": tuple(answers),
+        "id": None if ident is None else str(ident),
+    }
     if fmt == "text":
         if not isinstance(record["text"], str):
             return None, f"'text' must be a string, got {type(record['text']).__name__}"
@@ -175,13 +180,19 @@ def read_jsonl(path: Path, fmt: str = "auto") -> tuple[list[TextSample], list[Pr
         if chosen is None:
             keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
             problems.append(
-                Problem(source, f"cannot tell the format from keys [{keys}]: expected text, prompt+completion or messages", number)
+                Problem(
+                    source,
+                    f"cannot tell the format from keys [{keys}]: expected text, prompt+completion or messages",
+                    number,
+                )
             )
             continue
         sample, reason = parse_record(record, chosen, source, number)
         if sample is None:
             if detected_at is not None and isinstance(record, dict) and detect_format(record) not in (None, chosen):
-                reason += f"; the file's format is {chosen} (detected at line {detected_at}), set text.format to override"
+                reason += (
+                    f"; the file's format is {chosen} (detected at line {detected_at}), set text.format to override"
+                )
             problems.append(Problem(source, reason, number))
         else:
             samples.append(sample)
@@ -243,7 +254,9 @@ def load_text_dataset(
             warnings.append(f"both {HELDOUT_FILES[0]} and {HELDOUT_FILES[1]} exist; using {present[0].name}")
         if train_file is None and heldout_file is None:
             found = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
-            raise DataError(f"{path}: expected {TRAIN_FILE} (and optionally validation.jsonl or test.jsonl); found {found}")
+            raise DataError(
+                f"{path}: expected {TRAIN_FILE} (and optionally validation.jsonl or test.jsonl); found {found}"
+            )
     else:
         raise DataError(f"{path}: not a file or directory")
 

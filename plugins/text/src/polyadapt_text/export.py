@@ -51,7 +51,9 @@ def export_merged(run: Any, output_dir: Path) -> dict[str, Any]:
     bundle = run.bundle
     model = bundle.model
     if not hasattr(model, "merge_and_unload"):
-        raise ExportError(f"peft.method {run.config.peft.method!r} cannot be merged into the base weights; use the adapter")
+        raise ExportError(
+            f"peft.method {run.config.peft.method!r} cannot be merged into the base weights; use the adapter"
+        )
     tolerance = run.config.settings.merge_tolerance
     batch = parity_batch(bundle.processor)
     device = next(model.parameters()).device

@@ -24,7 +24,9 @@ def generate(
 
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
-    stop = [t for t in {tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)} if t is not None]
+    stop = [
+        t for t in {tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)} if t is not None
+    ]
     stop_ids: list[int] = []
     for token in stop:
         stop_ids.extend(token if isinstance(token, list) else [token])

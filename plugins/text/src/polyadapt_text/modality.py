@@ -164,10 +164,16 @@ class TextModality(Modality):
         import click
 
         return [
-            click.Option(["--prompt"], required=True, help="The user message (or raw prompt for models without a chat template)."),
+            click.Option(
+                ["--prompt"], required=True, help="The user message (or raw prompt for models without a chat template)."
+            ),
             click.Option(["--system"], default=None, help="System message (default: the run's text.system_prompt)."),
-            click.Option(["--max-new-tokens"], type=click.IntRange(1), default=None, help="Default: text.max_new_tokens."),
-            click.Option(["--temperature"], type=click.FloatRange(0), default=0.0, show_default=True, help="0 = greedy."),
+            click.Option(
+                ["--max-new-tokens"], type=click.IntRange(1), default=None, help="Default: text.max_new_tokens."
+            ),
+            click.Option(
+                ["--temperature"], type=click.FloatRange(0), default=0.0, show_default=True, help="0 = greedy."
+            ),
             click.Option(["--top-p"], type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True),
             click.Option(["--seed"], type=int, default=0, show_default=True, help="Sampling seed."),
         ]

