@@ -52,7 +52,8 @@ def run_dir(tmp_path_factory, tiny_base):
     config = {
         "modality": "image", "base": str(tiny_base), "data": {"path": str(data)}, "output": str(root / "run"),
         "peft": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "train": {"max_steps": 6, "batch_size": 4, "lr": 2e-2, "precision": "fp32", "scheduler": "constant"},
+        "train": {"max_steps": 6, "batch_size": 4, "lr": 2e-2, "precision": "fp32", "scheduler": "constant",
+                  "eval_every": 3},
         "image": {"resolution": RESOLUTION, "trigger": "in harbor style", "num_inference_steps": 2,
                   "validation_seeds": [0, 1], "num_validation_prompts": 2},
     }  # fmt: skip
@@ -68,7 +69,8 @@ def test_run_writes_lora_report_and_grids(run_dir):
     for when in ("before", "after"):
         assert {"eval_loss", "brand_style_distance"} <= set(manifest["metrics"][when])
     assert (run_dir / "pytorch_lora_weights.safetensors").is_file()
-    assert (run_dir / "validation" / "base.png").is_file() and (run_dir / "validation" / "adapted.png").is_file()
+    grids = sorted(p.name for p in (run_dir / "validation").iterdir())
+    assert grids == ["adapted.png", "base.png", "step-000003.png"]
     html = (run_dir / "report.html").read_text()
     assert "Validation images: base vs adapted" in html and html.count("data:image/png;base64,") >= 2
 
