@@ -99,3 +99,35 @@ def test_features_on_the_cpu_give_the_same_loss(tmp_path, tiny_whisper):
         a = modality.compute_loss(bundle, bundle.model, cpu_batch)
         b = modality.compute_loss(bundle, bundle.model, device_batch)
     assert a.item() == pytest.approx(b.item(), abs=1e-6)
+
+
+def test_encoder_cache_reuses_frozen_encoder_outputs_without_changing_the_loss(tmp_path, tiny_whisper):
+    modality, bundle, ctx, splits = _setup(tmp_path, tiny_whisper, adapter_scope="decoder")
+    cache = bundle.components["encoder_cache"]
+    items = modality.prepare(bundle, splits.train[:3], ctx, training=True).items
+    modality.add_adapter(bundle, ctx)
+    model = bundle.model
+    model.train()
+    batch = modality.collate(bundle, items, training=True)
+    uncached = dict(batch)
+    del uncached["clip_keys"]
+    first = modality.compute_loss(bundle, model, batch)
+    second = modality.compute_loss(bundle, model, batch)
+    reference = modality.compute_loss(bundle, model, uncached)
+    assert (cache.misses, cache.hits) == (3, 3)
+    assert first.item() == pytest.approx(reference.item(), abs=1e-5)
+    assert second.item() == pytest.approx(reference.item(), abs=1e-5)
+    second.backward()  # gradients reach the decoder adapter through cached encoder states
+    assert any(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_encoder_cache_is_bypassed_when_the_encoder_is_adapted(tmp_path, tiny_whisper):
+    modality, bundle, ctx, splits = _setup(tmp_path, tiny_whisper, adapter_scope="both")
+    cache = bundle.components["encoder_cache"]
+    items = modality.prepare(bundle, splits.train[:2], ctx, training=True).items
+    modality.add_adapter(bundle, ctx)
+    loss = modality.compute_loss(bundle, bundle.model, modality.collate(bundle, items, training=True))
+    loss.backward()
+    assert cache.hits == cache.misses == 0
+    encoder_lora = [p for n, p in bundle.model.named_parameters() if "lora_" in n and ".encoder." in n]
+    assert encoder_lora and any(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder_lora)

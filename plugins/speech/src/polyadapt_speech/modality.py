@@ -70,6 +70,12 @@ class SpeechSettings(ModalitySettings):
         False, description="Accept held-out/inference clips longer than 30 s (transcribed in chunks and stitched)."
     )
     num_beams: int = Field(1, ge=1, le=16, description="Beam size for evaluation and inference (1 = greedy).")
+    encoder_cache_mib: int = Field(
+        1024,
+        ge=0,
+        description="With a frozen encoder (adapter_scope: decoder, no SpecAugment/speed perturbation) keep encoder "
+        "outputs of up to this many MiB of clips on the device, so each clip is encoded once per run; 0 disables.",
+    )
     merge_tolerance: float = Field(
         1e-3, gt=0, description="Merged/ct2 export: largest allowed logit gap between merged and base+adapter."
     )
@@ -178,7 +184,7 @@ class SpeechModality(Modality):
     # -- model -------------------------------------------------------------------------------------------------------
     def load_base(self, ctx: RunContext) -> ModelBundle:
         """Whisper from ``ctx.base`` (transformers directory, CTranslate2 directory, or hub id)."""
-        from .model import load_whisper, whisper_tokens
+        from .model import EncoderCache, load_whisper, whisper_tokens
 
         location = ctx.base.path if ctx.base.path is not None else ctx.base.hub_id
         model, processor, info = load_whisper(
@@ -186,7 +192,14 @@ class SpeechModality(Modality):
         )
         tokens = whisper_tokens(processor.tokenizer, model.config.vocab_size)
         return ModelBundle(
-            model=model, processor=processor, components={"tokens": tokens, "settings": ctx.settings}, info=info
+            model=model,
+            processor=processor,
+            components={
+                "tokens": tokens,
+                "settings": ctx.settings,
+                "encoder_cache": EncoderCache(ctx.settings.encoder_cache_mib * 2**20),
+            },
+            info=info,
         )
 
     def default_target_modules(self, bundle: ModelBundle, ctx: RunContext) -> list[str]:
@@ -260,6 +273,8 @@ class SpeechModality(Modality):
     def prepare(self, bundle: ModelBundle, samples: Sequence[Any], ctx: RunContext, training: bool) -> PreparedSplit:
         import torch
 
+        from .model import clip_key
+
         settings: SpeechSettings = ctx.settings
         tokenizer = bundle.processor.tokenizer
         tokens = bundle.components["tokens"]
@@ -295,6 +310,7 @@ class SpeechModality(Modality):
                     # targets before this position (prompt and task prefix) are given, not learned
                     "first_target": len(prompt) + len(prefix),
                     "index": index,
+                    "key": clip_key(sample.audio),
                 }
             )
             lengths.append(len(sequence))
@@ -340,16 +356,30 @@ class SpeechModality(Modality):
         batch: dict[str, Any] = {"decoder_input_ids": inputs, "labels": labels}
         if settings.features_on_device:
             batch["audio"] = audio
+            if not (training and settings.speed_perturb):
+                # the audio is the prepared clip itself, so its encoder output may come from the cache
+                batch["clip_keys"] = torch.tensor([item["key"] for item in items], dtype=torch.long)
         else:
-            batch["input_features"] = log_mel(audio, bundle.model.config.num_mel_bins)
+            batch["input_features"] = log_mel(audio, bundle.processor.feature_extractor.feature_size)
         return batch
 
     def compute_loss(self, bundle: ModelBundle, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         import torch
 
         from .features import log_mel, spec_augment
+        from .model import encoder_is_frozen
 
         settings: SpeechSettings = bundle.components.get("settings") or SpeechSettings()
+        cache = bundle.components.get("encoder_cache")
+        augmenting = model.training and settings.specaugment
+        if "clip_keys" in batch and cache is not None and cache.budget and not augmenting and encoder_is_frozen(model):
+            hidden = cache.encode(
+                model, batch["audio"], batch["clip_keys"].tolist(), bundle.processor.feature_extractor.feature_size
+            )
+            logits = model(encoder_outputs=(hidden,), decoder_input_ids=batch["decoder_input_ids"]).logits
+            return torch.nn.functional.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1), ignore_index=-100
+            )
         features = batch.get("input_features")
         if features is None:
             features = log_mel(batch["audio"], bundle.processor.feature_extractor.feature_size)

@@ -261,3 +261,75 @@ def load_adapter(model: Any, directory: Path) -> Any:
     if not (Path(directory) / "adapter_config.json").is_file():
         raise ConfigError(f"{directory}: no adapter_config.json (not a speech run directory?)")
     return PeftModel.from_pretrained(model, str(directory), is_trainable=False)
+
+
+def whisper_core(model: Any) -> Any:
+    """The ``WhisperForConditionalGeneration`` inside distributed and PEFT wrappers."""
+    inner = getattr(model, "module", model)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
+def encoder_is_frozen(model: Any) -> bool:
+    """True when the encoder's output is a fixed function of its input: no trainable or adapter parameters in it and
+    no dropout or layer drop active. Only then may its outputs be cached."""
+    core = whisper_core(model)
+    encoder = core.model.encoder
+    for name, parameter in encoder.named_parameters():
+        if parameter.requires_grad or "lora_" in name or "ia3_" in name:
+            return False
+    if core.training:
+        config = core.config
+        if any(
+            getattr(config, key, 0)
+            for key in ("dropout", "attention_dropout", "activation_dropout", "encoder_layerdrop")
+        ):
+            return False
+    return True
+
+
+class EncoderCache:
+    """Encoder outputs of clips, keyed by a hash of the clip's audio, within a byte budget.
+
+    With a frozen encoder (decoder-only adaptation, no audio augmentation) every epoch, the evaluation loss and
+    decoding would otherwise run the same 30 s encoder passes again; they are the bulk of the compute.
+    """
+
+    def __init__(self, budget_bytes: int):
+        self.budget = budget_bytes
+        self.used = 0
+        self.store: dict[int, Any] = {}
+        self.hits = self.misses = 0
+
+    def encode(self, model: Any, audio: Any, keys: list[int], n_mels: int) -> Any:
+        """Encoder hidden states ``(batch, frames, width)`` of a padded ``(batch, samples)`` audio tensor; only valid
+        while :func:`encoder_is_frozen` holds (the caller checks)."""
+        import torch
+
+        from .features import log_mel
+
+        core = whisper_core(model)
+        dtype = next(p.dtype for p in core.parameters() if p.is_floating_point())
+        missing = [row for row, key in enumerate(keys) if key not in self.store]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        fresh: dict[int, Any] = {}
+        if missing:
+            with torch.no_grad():
+                hidden = core.model.encoder(log_mel(audio[missing], n_mels).to(dtype)).last_hidden_state
+            for row, state in zip(missing, hidden, strict=True):
+                fresh[keys[row]] = state
+                size = state.numel() * state.element_size()
+                if self.used + size <= self.budget:
+                    self.store[keys[row]] = state
+                    self.used += size
+        return torch.stack([self.store[key] if key in self.store else fresh[key] for key in keys])
+
+
+def clip_key(audio: Any) -> int:
+    """A 63-bit content hash of a clip's samples (the encoder cache key)."""
+    import hashlib
+
+    import numpy as np
+
+    data = np.ascontiguousarray(audio.numpy() if hasattr(audio, "numpy") else audio, dtype=np.float32).tobytes()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1

@@ -52,6 +52,9 @@ def generate_ids(
 
     import torch
     from transformers import GenerationMixin
+    from transformers.modeling_outputs import BaseModelOutput
+
+    from .model import clip_key, encoder_is_frozen
 
     model = _generation_model(bundle.model)
     width = max(len(a) for a in audios)
@@ -59,24 +62,30 @@ def generate_ids(
     for row, clip in enumerate(audios):
         batch[row, : len(clip)] = torch.from_numpy(np.asarray(clip, dtype=np.float32))
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    features = log_mel(batch.to(device), model.config.num_mel_bins).to(dtype)
+    batch = batch.to(device)
+    was_training = model.training
+    model.eval()
+    cache = bundle.components.get("encoder_cache")
+    if cache is not None and cache.budget and encoder_is_frozen(model):
+        hidden = cache.encode(model, batch, [clip_key(a) for a in audios], model.config.num_mel_bins)
+        inputs: dict[str, Any] = {"encoder_outputs": BaseModelOutput(last_hidden_state=hidden)}
+    else:
+        inputs = {"input_features": log_mel(batch, model.config.num_mel_bins).to(dtype)}
     config = copy.deepcopy(model.generation_config)
     config.num_beams = num_beams
     config.max_new_tokens = None
     config.return_timestamps = False
     config.forced_decoder_ids = None
     config.begin_suppress_tokens = list(config.begin_suppress_tokens or [])
-    start = torch.tensor([[*prompt, *prefix]] * len(audios), dtype=torch.long, device=features.device)
+    start = torch.tensor([[*prompt, *prefix]] * len(audios), dtype=torch.long, device=batch.device)
     config.max_length = start.shape[1] + max_new_tokens
-    was_training = model.training
-    model.eval()
     try:
         with torch.no_grad():
             # the generic encoder-decoder generate(), not Whisper's long-form wrapper: the decoder starts from exactly
             # the prompt + prefix that training used, and begin-suppression applies right after it
             output = GenerationMixin.generate(
                 model,
-                input_features=features,
+                **inputs,
                 decoder_input_ids=start,
                 decoder_attention_mask=torch.ones_like(start),
                 generation_config=config,
