@@ -17,7 +17,15 @@ from .conftest import write_config, write_dataset
 def finished_run(tmp_path_factory, tiny_whisper):
     root = tmp_path_factory.mktemp("speech-run")
     data = write_dataset(root / "data", train=6, test=3)
-    config = write_config(root / "config.yaml", tiny_whisper, data, root / "run", train={"max_steps": 15})
+    general = write_dataset(root / "general", train=0, test=2, glossary=False)
+    config = write_config(
+        root / "config.yaml",
+        tiny_whisper,
+        data,
+        root / "run",
+        train={"max_steps": 15},
+        eval={"general_data": str(general)},
+    )
     return polyadapt.adapt(config)
 
 
@@ -34,6 +42,8 @@ def test_loss_falls_and_metrics_are_reported(finished_run):
     assert after["eval_loss"] < before["eval_loss"]
     for key in ("wer", "cer", "term_recall"):
         assert key in before and key in after
+    # the forgetting check: the same metrics on eval.general_data, before and after
+    assert "wer" in manifest["metrics"]["general_before"] and "wer" in manifest["metrics"]["general_after"]
     losses = [
         json.loads(line)["loss"]
         for line in (finished_run / "metrics.jsonl").read_text().splitlines()

@@ -131,3 +131,42 @@ def test_encoder_cache_is_bypassed_when_the_encoder_is_adapted(tmp_path, tiny_wh
     assert cache.hits == cache.misses == 0
     encoder_lora = [p for n, p in bundle.model.named_parameters() if "lora_" in n and ".encoder." in n]
     assert encoder_lora and any(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder_lora)
+
+
+def test_multilingual_prefix_has_language_and_task_tokens(tiny_whisper):
+    from polyadapt.errors import ConfigError
+    from polyadapt_speech.model import load_tokenizer, whisper_tokens
+
+    tokenizer = load_tokenizer(tiny_whisper)
+    ids = {
+        t: tokenizer.convert_tokens_to_ids(t)
+        for t in ("<|startoftranscript|>", "<|de|>", "<|en|>", "<|translate|>", "<|transcribe|>", "<|notimestamps|>")
+    }
+    multilingual = whisper_tokens(tokenizer, vocab_size=51_865)
+    assert set(multilingual.languages) == {"en", "de"}
+    assert multilingual.prefix("de", "transcribe") == [
+        ids["<|startoftranscript|>"],
+        ids["<|de|>"],
+        ids["<|transcribe|>"],
+        ids["<|notimestamps|>"],
+    ]
+    assert multilingual.prefix(None, "translate")[1:3] == [ids["<|en|>"], ids["<|translate|>"]]
+    with pytest.raises(ConfigError, match="'fr' is not one of this model's languages"):
+        multilingual.prefix("fr", "transcribe")
+    english_only = whisper_tokens(tokenizer, vocab_size=416)
+    assert english_only.prefix("en", "transcribe") == [ids["<|startoftranscript|>"], ids["<|notimestamps|>"]]
+    with pytest.raises(ConfigError, match="English-only"):
+        english_only.prefix("de", "transcribe")
+
+
+def test_a_clip_in_a_language_the_model_lacks_is_named(tmp_path, tiny_whisper):
+    from polyadapt.errors import DataError
+
+    modality, bundle, ctx, splits = _setup(tmp_path, tiny_whisper)
+    splits.train[1].language = "de"
+    with pytest.raises(DataError) as caught:
+        modality.prepare(bundle, splits.train, ctx, training=True)
+    assert len(caught.value.problems) == 1
+    problem = caught.value.problems[0]
+    assert problem.file == splits.train[1].file and problem.line == splits.train[1].line
+    assert "English-only" in problem.reason
