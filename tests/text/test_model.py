@@ -170,3 +170,14 @@ def test_plugin_import_stays_light():
     code = "import sys, polyadapt_text.plugin; print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_gradient_checkpointing_follows_the_config(tiny_llama, chat_data, modality, enabled):
+    from tests.text.builders import make_ctx
+
+    ctx = make_ctx(make_config(tiny_llama, chat_data, train={"grad_checkpointing": enabled}))
+    bundle = modality.load_base(ctx)
+    modality.add_adapter(bundle, ctx)
+    base = bundle.model.get_base_model()
+    assert bool(getattr(base, "is_activation_checkpointing", None)) is enabled

@@ -136,7 +136,11 @@ def attach_adapter(bundle: ModelBundle, ctx: RunContext, targets: list[str]) -> 
 
     model = bundle.model
     if ctx.config.train.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5 renamed the switch; the old name still works but warns
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     peft_config = build_peft_config(ctx.config.peft, targets, task_type="CAUSAL_LM")
     bundle.model = get_peft_model(model, peft_config)
