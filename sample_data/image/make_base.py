@@ -7,10 +7,10 @@ Recipe (all seeded, so a rerun gives the same weights on the same library versio
 1. Data: an endless stream of 32x32 pictures of one shape (circle, square, triangle, ring, cross, stripes, diamond)
    in one colour on a plain background of another colour, drawn at 128x128 and downsampled (anti-aliased), captioned
    "a red circle on a white background". The colours are generic (red, green, blue, yellow, orange, purple, pink,
-   white, black, gray, brown, cyan, lime, magenta); the brand palette of the demo (navy, teal, sand, gold) is left
-   out on purpose so that the demo's adaptation has something to teach.
+   white, black, gray, brown, cyan, lime, magenta), each jittered by up to 24 per channel; the brand palette of the
+   demo (navy, teal, sand, gold) is not among them, so that the demo's adaptation has something to teach.
 2. VAE: ``AutoencoderKL`` (factor 4, 4 latent channels) trained for reconstruction (L1 + MSE, KL weight 1e-6);
-   ``scaling_factor`` set to 1/std of the latents.
+   posterior log-variance initialised at -8; ``scaling_factor`` set to 1/std of the latents.
 3. Denoiser: ``UNet2DConditionModel`` (48/96 channels, cross-attention at both levels) and the 2-layer CLIP text
    encoder trained together on 8x8 latents with the epsilon loss, min-SNR-5 weighting, 10% empty captions (so that
    classifier-free guidance works), AdamW, cosine decay.
@@ -80,11 +80,16 @@ def draw_shape(shape: str, colour: tuple, background: tuple, rng: random.Random,
     return image.resize((size, size), Image.Resampling.LANCZOS)
 
 
+def jitter(rgb: tuple, rng: random.Random, amount: int = 24) -> tuple:
+    """A nearby shade, so that the VAE and the denoiser see a continuum of colours, not 14 points."""
+    return tuple(min(255, max(0, c + rng.randint(-amount, amount))) for c in rgb)
+
+
 def sample(rng: random.Random) -> tuple[Image.Image, str]:
     shape = rng.choice(SHAPES)
     colour, background = rng.sample(list(COLOURS), 2)
     caption = f"a {colour} {shape} on a {background} background"
-    return draw_shape(shape, COLOURS[colour], COLOURS[background], rng), caption
+    return draw_shape(shape, jitter(COLOURS[colour], rng), jitter(COLOURS[background], rng), rng), caption
 
 
 def to_tensor(images: list[Image.Image]) -> torch.Tensor:
@@ -97,6 +102,10 @@ def log(message: str) -> None:
 
 
 def train_vae(vae, rng: random.Random, steps: int, batch: int) -> None:
+    # start with a small posterior variance (logvar bias -8): with the default (std 1) the sampled latents are mostly
+    # noise, and a KL weight this small takes thousands of steps to shrink it; reconstruction then stalls
+    with torch.no_grad():
+        vae.quant_conv.bias[vae.config.latent_channels :] = -8.0
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     vae.train()

@@ -103,8 +103,9 @@ def _lora_layers(unet):
 
 
 def test_kohya_export_loads_back_to_the_same_weights(run_dir, tiny_base, tmp_path):
-    from polyadapt.export import export_run
     from safetensors.torch import load_file
+
+    from polyadapt.export import export_run
 
     record = export_run(run_dir, "kohya", tmp_path / "kohya")
     tensors = load_file(str(tmp_path / "kohya" / record["file"]))

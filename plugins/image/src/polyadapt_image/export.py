@@ -61,12 +61,10 @@ def to_kohya(tensors: dict[str, torch.Tensor], configs: dict[str, Any], pipeline
             raise ExportError(f"kohya export: unexpected LoRA key {key!r}")
         if "lora_magnitude_vector" in rest or "dora_scale" in rest:
             raise ExportError("kohya export: DoRA adapters have no kohya layout; export 'merged' instead")
-        for suffix, kind in SUFFIXES:
-            if rest.endswith(suffix):
-                module = rest[: -len(suffix)]
-                break
-        else:
+        found = next(((rest[: -len(suffix)], kind) for suffix, kind in SUFFIXES if rest.endswith(suffix)), None)
+        if found is None:
             raise ExportError(f"kohya export: unexpected LoRA key {key!r}")
+        module, kind = found
         name = f"{prefixes[component]}_{module.replace('.', '_')}"
         out[f"{name}.lora_{kind}.weight"] = value.contiguous()
         if kind == "down":

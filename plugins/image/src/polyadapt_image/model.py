@@ -46,7 +46,7 @@ def load_pipeline(ctx: RunContext) -> Any:
             use_safetensors=True,
             dtype=torch.float32,
         )
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         raise ConfigError(f"base: cannot load a diffusers pipeline from {location!r}: {exc}") from exc
     pipe.set_progress_bar_config(disable=True)
     return pipe
