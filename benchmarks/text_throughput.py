@@ -183,6 +183,7 @@ def run_polyadapt(args: dict) -> dict:
         "useful_tokens": clock.tokens,
         "rows": len(prepared.items),
         "packing_efficiency": prepared.stats.get("packing_efficiency"),
+        "truncated": prepared.stats["truncated"],
         "flops": step_flops(bundle.model, clock.tokens, prepared),
     }
 
@@ -320,7 +321,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run (including warm-up)")
     parser.add_argument("--warmup", type=int, default=3, help="first steps left out of the timing")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=128,
+        help="tokens per sample and per packed row; 128 holds every sample of the corpus and keeps a packed step's "
+        "token count near a padded one's",
+    )
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="CPU threads per run")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     options = parser.parse_args()
@@ -355,7 +362,8 @@ def main() -> None:
               f"= {100 * achieved / peak:.1f}%")  # fmt: skip
     if packed.get("packing_efficiency") is not None:
         print(
-            f"packing: {packed['rows']} rows of {options.max_length} tokens, {100 * packed['packing_efficiency']:.0f}% filled"
+            f"packing: {packed['rows']} rows of {options.max_length} tokens, {100 * packed['packing_efficiency']:.0f}% "
+            f"filled; {packed['truncated']} samples truncated"
         )
     if options.json:
         options.json.write_text(json.dumps({"args": args, "reference": reference, "unpacked": unpacked,
