@@ -169,3 +169,33 @@ def test_infer_is_deterministic_when_greedy(finished_run):
     assert first == run.modality.infer(run.bundle, run.ctx, options)
     sampled = [run.modality.infer(run.bundle, run.ctx, {**options, "temperature": 1.5, "seed": s}) for s in (1, 1, 2)]
     assert sampled[0] == sampled[1]
+
+
+def test_prefix_tuned_generation_uses_the_prefix(tiny_llama):
+    from peft import PrefixTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from polyadapt_text.generation import _decode_without_cache, generate
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama))
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama)).eval()
+    prompts = [tokenizer(PROBE)["input_ids"], tokenizer("Hi")["input_ids"]]
+    ids = torch.tensor([prompts[0]])
+    with torch.no_grad():
+        reference = base.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+        manual = _decode_without_cache(base, ids, torch.ones_like(ids), 6, None, 0, 0.0, 1.0)
+    assert manual.tolist() == reference.tolist()
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(tiny_llama)),
+        PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
+    )
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 3)
+    batched = generate(model, tokenizer, prompts, 6, batch_size=2)
+    alone = [generate(model, tokenizer, [p], 6)[0] for p in prompts]
+    assert batched == alone
+    assert batched != generate(base, tokenizer, prompts, 6, batch_size=2)
