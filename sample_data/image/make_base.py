@@ -12,7 +12,7 @@ Recipe (all seeded, so a rerun gives the same weights on the same library versio
 2. VAE: ``AutoencoderKL`` (factor 4, 4 latent channels) trained for reconstruction (L1 + MSE, KL weight 1e-6);
    posterior log-variance initialised at -8; ``scaling_factor`` set to 1/std of the latents.
 3. Denoiser: ``UNet2DConditionModel`` (48/96 channels, cross-attention at both levels) and the 2-layer CLIP text
-   encoder trained together on 8x8 latents with the epsilon loss, min-SNR-5 weighting, 10% empty captions (so that
+   encoder trained together for 1600 steps of batch 32 on 8x8 latents with the epsilon loss, min-SNR-5 weighting, 10% empty captions (so that
    classifier-free guidance works), AdamW, cosine decay.
 4. Saved as a ``StableDiffusionPipeline`` (safetensors, DDIM scheduler) with a preview grid of generated samples.
 """
@@ -198,8 +198,9 @@ def preview(pipe, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=HERE / "base")
-    parser.add_argument("--vae-steps", type=int, default=400)
-    parser.add_argument("--denoiser-steps", type=int, default=2000)
+    parser.add_argument("--vae-steps", type=int, default=1600)
+    parser.add_argument("--vae-batch", type=int, default=8)
+    parser.add_argument("--denoiser-steps", type=int, default=1600)
     parser.add_argument("--latents", type=int, default=8192, help="pictures encoded once for denoiser training")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -211,10 +212,11 @@ def main() -> None:
     pipe = tiny_pipeline(seed=0)
     pipe.set_progress_bar_config(disable=True)
     log(f"training VAE for {args.vae_steps} steps")
-    train_vae(pipe.vae, rng, args.vae_steps, batch=16)
+    train_vae(pipe.vae, rng, args.vae_steps, batch=args.vae_batch)
     means, stds, captions = encode_dataset(pipe.vae, rng, args.latents)
     scaling = 1.0 / float(means.std())
     pipe.vae.register_to_config(scaling_factor=scaling)
+    pipe.vae.save_pretrained(args.out / "vae", safe_serialization=True)  # inspectable while the denoiser trains
     log(f"latent scaling factor {scaling:.4f}; training denoiser for {args.denoiser_steps} steps")
     train_denoiser(pipe, means, stds, captions, args.denoiser_steps, batch=32, rng=rng)
     args.out.mkdir(parents=True, exist_ok=True)

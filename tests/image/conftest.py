@@ -16,7 +16,8 @@ RESOLUTION = 16
 def _few_threads():
     import torch
 
-    torch.set_num_threads(2)
+    # one thread: the machine is shared, and oversubscribed OpenMP threads slow each other down badly
+    torch.set_num_threads(1)
 
 
 def save_tiny_pipeline(directory: Path, seed: int = 0, prediction_type: str = "epsilon", xl: bool = False) -> Path:
