@@ -208,7 +208,8 @@ def adapt(config: AdaptConfig | str | Path, *, resume: bool = False, overwrite: 
         "libraries": library_versions(),
         "started": (previous or {}).get("started", now_iso()),
         "resumed": [*((previous or {}).get("resumed", [])), *([now_iso()] if previous else [])],
-        "metrics": {"before": (previous or {}).get("metrics", {}).get("before")},
+        # A resumed run keeps the base model's metrics measured when it started.
+        "metrics": {k: (previous or {}).get("metrics", {}).get(k) for k in ("before", "general_before")},
     }
     if is_main:
         manifest["base"]["weights_sha256"] = base_weights_digest(base.path)
