@@ -130,3 +130,19 @@ def test_ct2_export_reads_back_as_the_merged_weights(finished_run, tmp_path):
     assert info["format"] == "ctranslate2"
     want, got = merged.state_dict(), imported.state_dict()
     assert max((want[k] - got[k]).abs().max().item() for k in want) < 1e-6
+
+
+def test_infer_stitches_audio_longer_than_30_seconds(finished_run, tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    from polyadapt.cli import cli
+
+    clips = [sf.read(c, dtype="float32")[0] for c in sorted((finished_run.parent / "data" / "train").glob("*.wav"))]
+    gap = np.zeros(8000, dtype=np.float32)
+    long = np.concatenate([part for clip in clips * 2 for part in (clip, gap)])
+    assert len(long) > 30 * 16_000
+    sf.write(tmp_path / "long.wav", long, 16_000)
+    result = CliRunner().invoke(cli, ["infer", str(finished_run), str(tmp_path / "long.wav")])
+    assert result.exit_code == 0, result.output
+    assert [line.split("\t")[0] for line in result.stdout.splitlines() if "\t" in line] == [str(tmp_path / "long.wav")]

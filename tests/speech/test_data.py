@@ -171,3 +171,16 @@ def test_root_metadata_gets_a_deterministic_holdout(tmp_path, tiny_whisper):
     first, second = _load(config), _load(config)
     assert len(first.validation) == 2 and len(first.train) == 4
     assert [s.file for s in first.validation] == [s.file for s in second.validation]
+
+
+def test_long_form_accepts_long_held_out_clips_but_never_long_training_clips(tmp_path, tiny_whisper):
+    data = write_dataset(tmp_path / "data", train=2, test=1)
+    for split in ("train", "test"):
+        sf.write(data / split / "long.wav", _tone(40.0), RATE)
+        with open(data / split / "metadata.csv", "a", encoding="utf-8") as handle:
+            handle.write("long.wav,A forty second clip.\n")
+    config = write_config(tmp_path / "c.yaml", tiny_whisper, data, tmp_path / "run", speech={"long_form": True})
+    splits = _load(config)
+    assert [p.split for p in splits.problems] == ["train"]
+    assert "training clips must fit Whisper's 30 s window" in splits.problems[0].reason
+    assert any(s.file.endswith("long.wav") for s in splits.validation)
