@@ -170,3 +170,10 @@ def test_a_clip_in_a_language_the_model_lacks_is_named(tmp_path, tiny_whisper):
     problem = caught.value.problems[0]
     assert problem.file == splits.train[1].file and problem.line == splits.train[1].line
     assert "English-only" in problem.reason
+
+
+def test_packing_respects_the_label_budget(tmp_path, tiny_whisper):
+    modality, bundle, ctx, splits = _setup(tmp_path, tiny_whisper, pack_clips=True, max_label_length=45)
+    packed = modality.prepare(bundle, splits.train, ctx, training=True)
+    assert 1 < len(packed.items) < len(splits.train)
+    assert all(len(item["sequence"]) - 3 <= 45 for item in packed.items)  # minus <|sot|>, <|notimestamps|>, end

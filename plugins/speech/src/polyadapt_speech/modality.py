@@ -123,8 +123,11 @@ def _local_tokenizer(config: AdaptConfig) -> Any:
         return None
 
 
-def pack_samples(samples: Sequence[Any], gap_seconds: float, seed: int) -> list[Any]:
-    """Join clips of the same language, in a seeded random order, into windows of at most 30 s.
+def pack_samples(
+    samples: Sequence[Any], gap_seconds: float, seed: int, count_tokens: Any = None, max_tokens: int | None = None
+) -> list[Any]:
+    """Join clips of the same language, in a seeded random order, into windows of at most 30 s (and, given
+    ``count_tokens``, at most ``max_tokens`` transcript tokens).
 
     Each window's transcript is its clips' transcripts joined by spaces; the gap is digital silence.
     """
@@ -137,15 +140,25 @@ def pack_samples(samples: Sequence[Any], gap_seconds: float, seed: int) -> list[
     gap = np.zeros(int(gap_seconds * SAMPLE_RATE), dtype=np.float32)
     limit = int(MAX_SECONDS * SAMPLE_RATE)
     windows: list[list[Any]] = []
+    sizes: list[int] = []
+
+    def tokens_of(text: str) -> int:
+        return count_tokens(text) if count_tokens is not None else 0
+
     for i in order:
         sample = samples[i]
-        for window in windows:
+        for w, window in enumerate(windows):
             used = sum(len(s.audio) for s in window) + len(gap) * len(window)
-            if window[0].language == sample.language and used + len(sample.audio) <= limit:
-                window.append(sample)
-                break
+            if window[0].language != sample.language or used + len(sample.audio) > limit:
+                continue
+            if max_tokens is not None and sizes[w] + tokens_of(" " + sample.text) > max_tokens:
+                continue
+            window.append(sample)
+            sizes[w] += tokens_of(" " + sample.text)
+            break
         else:
             windows.append([sample])
+            sizes.append(tokens_of(" " + sample.text))
     packed = []
     for window in windows:
         parts: list[Any] = []
@@ -273,6 +286,8 @@ class SpeechModality(Modality):
     def prepare(self, bundle: ModelBundle, samples: Sequence[Any], ctx: RunContext, training: bool) -> PreparedSplit:
         import torch
 
+        from polyadapt.data import Problem
+
         from .model import clip_key
 
         settings: SpeechSettings = ctx.settings
@@ -281,10 +296,15 @@ class SpeechModality(Modality):
         prompt = self._prompt_ids(bundle, settings, glossary_for(ctx.config))
         room = bundle.model.config.max_target_positions
         items, lengths, problems = [], [], []
-        from polyadapt.data import Problem
-
         if training and settings.pack_clips:
-            samples = pack_samples(samples, settings.pack_gap_seconds, ctx.config.train.seed)
+            budget = min(settings.max_label_length, room - len(prompt) - 5)
+            samples = pack_samples(
+                samples,
+                settings.pack_gap_seconds,
+                ctx.config.train.seed,
+                count_tokens=lambda text: len(tokenizer.encode(text, add_special_tokens=False)),
+                max_tokens=budget,
+            )
         for index, sample in enumerate(samples):
             try:
                 prefix = self._prefix(bundle, settings, sample.language)
