@@ -133,7 +133,9 @@ class Modality(ABC):
     @abstractmethod
     def load_base(self, ctx: RunContext) -> ModelBundle:
         """Load the base model and its processor from ``ctx.base``. Frozen components go to ``ctx.device``;
-        ``bundle.model`` is moved by polyadapt. Honour ``ctx.config.trust_remote_code`` and ``base_revision``."""
+        ``bundle.model`` is moved by polyadapt. Honour ``ctx.config.trust_remote_code`` and ``base_revision``.
+        The bundle is the modality's state for the run: keep in ``components`` what ``collate`` and
+        ``compute_loss`` need later (the settings, a feature extractor, caches)."""
 
     @abstractmethod
     def default_target_modules(self, bundle: ModelBundle, ctx: RunContext) -> list[str]:
@@ -181,8 +183,9 @@ class Modality(ABC):
 
     @abstractmethod
     def compute_loss(self, bundle: ModelBundle, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        """The mean training loss of ``batch`` (already on the device). Call ``model`` (possibly wrapped for
-        distributed training), not ``bundle.model``."""
+        """The mean loss of ``batch`` (already on the device). Call ``model`` (possibly wrapped for distributed
+        training), not ``bundle.model``. polyadapt puts the model in ``train()`` mode for training steps and in
+        ``eval()`` mode for held-out losses, so ``model.training`` tells them apart (for augmentation, say)."""
 
     # -- evaluation and serving --------------------------------------------------------------------------------------
     @abstractmethod
