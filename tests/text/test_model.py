@@ -25,8 +25,9 @@ def llama_permute(weights: np.ndarray, heads: int) -> np.ndarray:
     )
 
 
-def write_llama_gguf(model_dir: Path, path: Path) -> None:
-    """Write the tiny LLaMA of ``model_dir`` (weights, config and BPE tokenizer) as a float32 GGUF file."""
+def write_llama_gguf(model_dir: Path, path: Path, quantized: bool = False) -> None:
+    """Write the tiny LLaMA of ``model_dir`` (weights, config and BPE tokenizer) as a GGUF file: float32, or with the
+    matrices in Q8_0 blocks (``quantized``), as published GGUF models are."""
     gguf = pytest.importorskip("gguf")
     from transformers import AutoModelForCausalLM
 
@@ -59,25 +60,35 @@ def write_llama_gguf(model_dir: Path, path: Path) -> None:
     writer.add_pad_token_id(0)
     writer.add_chat_template(CHAT_TEMPLATE)
     state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
-    writer.add_tensor("output_norm.weight", state["model.norm.weight"])
-    writer.add_tensor("output.weight", state["lm_head.weight"])
+    add_tensor = writer.add_tensor
+    if quantized:
+        q8 = gguf.GGMLQuantizationType.Q8_0
+
+        def add_tensor(name, array):
+            if array.ndim == 2:
+                writer.add_tensor(name, gguf.quants.quantize(array, q8), raw_dtype=q8)
+            else:
+                writer.add_tensor(name, array)
+
+    add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
+    add_tensor("output_norm.weight", state["model.norm.weight"])
+    add_tensor("output.weight", state["lm_head.weight"])
     names = {
         "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_v": "self_attn.v_proj",
         "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
     }  # fmt: skip
     for i in range(config.num_hidden_layers):
         layer = f"model.layers.{i}."
-        writer.add_tensor(
+        add_tensor(
             f"blk.{i}.attn_q.weight",
             llama_permute(state[layer + "self_attn.q_proj.weight"], config.num_attention_heads),
         )
-        writer.add_tensor(
+        add_tensor(
             f"blk.{i}.attn_k.weight",
             llama_permute(state[layer + "self_attn.k_proj.weight"], config.num_key_value_heads),
         )
         for gguf_name, hf_name in names.items():
-            writer.add_tensor(f"blk.{i}.{gguf_name}.weight", state[layer + hf_name + ".weight"])
+            add_tensor(f"blk.{i}.{gguf_name}.weight", state[layer + hf_name + ".weight"])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -181,3 +192,19 @@ def test_gradient_checkpointing_follows_the_config(tiny_llama, chat_data, modali
     modality.add_adapter(bundle, ctx)
     base = bundle.model.get_base_model()
     assert bool(getattr(base, "is_activation_checkpointing", None)) is enabled
+
+
+def test_quantized_gguf_base_adapts_and_exports_merged(tiny_bases, tmp_path, chat_data):
+    import polyadapt
+    from polyadapt.export import export_run
+
+    path = tmp_path / "gguf" / "tiny-llama.Q8_0.gguf"
+    path.parent.mkdir()
+    write_llama_gguf(tiny_bases["llama"], path, quantized=True)
+    config = make_config(
+        path, chat_data, tmp_path / "run", train={"max_steps": 3, "precision": "fp32"}, text={"generate_eval": False}
+    )
+    run = polyadapt.adapt(config)
+    record = export_run(run, "merged", tmp_path / "merged")
+    assert record["parity"]["max_abs_logit_gap"] <= record["parity"]["tolerance"]
+    assert (tmp_path / "merged" / "model.safetensors").exists()

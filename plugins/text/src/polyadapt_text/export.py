@@ -62,6 +62,8 @@ def export_merged(run: Any, output_dir: Path) -> dict[str, Any]:
     with torch.no_grad():
         reference = model(**batch).logits
     merged = merge_adapter(model).eval()
+    if getattr(merged, "hf_quantizer", None) is not None:
+        raise ExportError("the base model is held in quantized form; a merged model cannot be saved from it")
     with torch.no_grad():
         candidate = merged(**batch).logits
     gap = logit_gap(reference, candidate, batch["attention_mask"])

@@ -58,7 +58,12 @@ def load_base_bundle(ctx: RunContext) -> ModelBundle:
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **common)
         model_kwargs: dict[str, Any] = {"dtype": torch.float32}
-        if "gguf_file" not in extra:
+        if "gguf_file" in extra:
+            from transformers import GgufConfig
+
+            # dense weights: trainable, mergeable and savable (kept-quantized GGUF blocks are none of these)
+            model_kwargs["quantization_config"] = GgufConfig(gguf_file=extra["gguf_file"], dequantize=True)
+        else:
             # pickle checkpoints (pytorch_model.bin) can run code when read; only safetensors are accepted
             model_kwargs["use_safetensors"] = True
         if settings.attn_implementation:
