@@ -107,7 +107,12 @@ class ImageModality(Modality):
     description = "text-to-image diffusion LoRA (Stable Diffusion 1.x/2.x, SDXL) for brand-style adaptation"
     settings_model = ImageSettings
     primary_metric = "eval_loss"
-    metric_directions = {"eval_loss": False, "brand_style_distance": False, "clip_score": True}
+    metric_directions = {
+        "eval_loss": False,
+        "brand_style_distance": False,
+        "brand_style_distance_vae": False,
+        "clip_score": True,
+    }
 
     # -- model -------------------------------------------------------------------------------------------------------
     def load_base(self, ctx: RunContext) -> ModelBundle:
@@ -170,7 +175,7 @@ class ImageModality(Modality):
     ) -> EvalResult:
         from .data import load_image
         from .metrics import brand_style_distance, clip_score, image_grid
-        from .model import generate, has_adapter
+        from .model import generate, has_adapter, vae_roundtrip
 
         settings: ImageSettings = ctx.settings
         self._validation_samples = list(samples)
@@ -186,6 +191,10 @@ class ImageModality(Modality):
         if samples:
             reference = [load_image(s.path, settings.resolution, center_crop=True) for s in samples]
             metrics["brand_style_distance"] = brand_style_distance(images, reference, settings.palette_size)
+            # the same distance to the references as the base VAE redraws them: what adaptation can reach at best
+            # with this VAE, so the figure moves with the adapter and not with the VAE's fixed colour error
+            redrawn = vae_roundtrip(bundle, reference)
+            metrics["brand_style_distance_vae"] = brand_style_distance(images, redrawn, settings.palette_size)
         if settings.clip_model is not None:
             metrics["clip_score"] = clip_score(images, [p for p, _ in pairs], settings.clip_model)
         tag = "adapted" if has_adapter(bundle) else "base"

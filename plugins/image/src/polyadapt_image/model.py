@@ -258,3 +258,18 @@ def generate(
         if was_training:
             bundle.model.train()
     return images
+
+
+@torch.no_grad()
+def vae_roundtrip(bundle: ModelBundle, images: list[Image.Image]) -> list[Image.Image]:
+    """``images`` encoded (posterior mean) and decoded by the bundle's VAE: the closest the pipeline can draw them."""
+    import numpy as np
+    from PIL import Image
+
+    from .training import pixels_of
+
+    vae = bundle.components["vae"]
+    device = next(vae.parameters()).device
+    decoded = vae.decode(vae.encode(pixels_of(images).to(device)).latent_dist.mean).sample
+    array = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in array]

@@ -10,13 +10,22 @@ from __future__ import annotations
 from typing import Any
 
 #: words the tiny tokenizer learns as whole tokens; anything else still tokenizes (byte-level), just in pieces
-VOCABULARY = ["a", "an", "the", "of", "on", "in", "with", "and", "at", "by", "to", "for", "from", "over", "under", "near", "behind", "above", "below", "left", "right", "top", "bottom", "center", "small", "large", "big", "tiny", "round", "square", "circle", "circles", "square", "squares", "triangle", "triangles", "star", "stars", "stripe", "stripes", "ring", "rings", "dot", "dots", "line", "lines", "foam", "cross", "crosses", "diamond", "diamonds", "heart", "shape", "shapes", "pattern", "background", "red", "green", "blue", "yellow", "orange", "purple", "pink", "white", "black", "gray", "grey", "brown", "cyan", "magenta", "lime", "maroon", "olive", "violet", "navy", "teal", "sand", "gold", "golden", "cream", "coral", "beige", "dark", "light", "pale", "bright", "deep", "wave", "waves", "anchor", "anchors", "lighthouse", "boat", "sail", "ship", "sea", "ocean", "harbor", "harbour", "bank", "coin", "coins", "shield", "tower", "style", "brand", "logo", "poster", "icon", "card", "banner", "flat", "simple", "minimal", "picture", "image", "photo", "drawing", "painting", "sky", "sun", "moon", "cloud", "water", "beach", "rock", "bird", "fish", "house", "tree", "flower", "mountain", "road", "city", "night", "day"]  # noqa: SIM905 (a word list reads better as text)
+VOCABULARY = (  # noqa: SIM905 (a word list reads better as text)
+    "a an the of on in with and at by to for from over under near behind above below left right top bottom center "
+    "small large big tiny round square circle circles square squares triangle triangles star stars stripe stripes "
+    "ring rings dot dots line lines cross crosses diamond diamonds heart shape shapes pattern background "
+    "red green blue yellow orange purple pink white black gray grey brown cyan magenta lime maroon olive violet "
+    "navy teal sand gold golden cream coral beige dark light pale bright deep "
+    "wave waves anchor anchors lighthouse boat sail ship sea ocean harbor harbour bank coin coins shield tower "
+    "style brand logo poster icon card banner flat simple minimal picture image photo drawing painting "
+    "sky sun moon cloud water beach rock bird fish house tree flower mountain road city night day"
+).split()
 
 #: the caption vocabulary the tiny tokenizer is trained on, repeated so every word becomes one token
 _SPECIAL = ("<|startoftext|>", "<|endoftext|>")
 
 
-def build_tokenizer(words: tuple[str, ...] = VOCABULARY, max_length: int = 24) -> Any:
+def build_tokenizer(words: tuple[str, ...] = VOCABULARY, max_length: int = 16) -> Any:
     """A CLIP tokenizer (byte-level BPE, ``</w>`` word ends) trained locally so that ``words`` are single tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import CLIPTokenizer
@@ -91,7 +100,7 @@ def tiny_vae_config(sample_size: int = 32) -> dict:
     )
 
 
-def tiny_text_config(vocab_size: int, max_length: int = 24, hidden: int = 64) -> dict:
+def tiny_text_config(vocab_size: int, max_length: int = 16, hidden: int = 64) -> dict:
     return dict(
         vocab_size=vocab_size,
         hidden_size=hidden,
