@@ -59,7 +59,7 @@ def run_dir(tmp_path_factory, tiny_base):
     }  # fmt: skip
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     return polyadapt.adapt(path)
 
 
