@@ -330,8 +330,9 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="CPU threads per run")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     options = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = options.device if options.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     precision = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     args = {
         "steps": options.steps, "warmup": options.warmup, "batch_size": options.batch_size,
@@ -366,7 +367,14 @@ def main() -> None:
             f"filled; {packed['truncated']} samples truncated"
         )
     if options.json:
-        options.json.write_text(json.dumps({"args": args, "reference": reference, "unpacked": unpacked,
+        summary = {
+            "unpacked_tokens_per_second_ratio": unpacked["tokens_per_second"] / reference["tokens_per_second"],
+            "packed_tokens_per_second_ratio": packed["tokens_per_second"] / reference["tokens_per_second"],
+            "unpacked_peak_memory_ratio": unpacked["peak_mib"] / reference["peak_mib"],
+            "packed_peak_memory_ratio": packed["peak_mib"] / reference["peak_mib"],
+            "packed_mfu": packed["flops"] / (packed["useful_tokens"] / packed["tokens_per_second"]) / peak,
+        }
+        options.json.write_text(json.dumps({**summary, "args": args, "reference": reference, "unpacked": unpacked,
                                             "packed": packed, "matmul_peak": peak}, indent=2))  # fmt: skip
 
 
