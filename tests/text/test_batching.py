@@ -193,3 +193,25 @@ def test_collate_pads_right_and_marks_padding(loaded, modality):
     assert batch["input_ids"].shape == (len(items), max(lengths))
     assert batch["attention_mask"].sum(dim=1).tolist() == lengths
     assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE).all()
+
+
+def test_held_out_loss_is_a_per_token_mean(loaded, modality):
+    """Batches with different numbers of target tokens: the core's held-out loss equals the mean over all tokens."""
+    from accelerate import Accelerator
+
+    from polyadapt.training import evaluate_loss
+
+    records = [{"prompt": f"Question {i}?", "completion": " answer" * (1 + 6 * i)} for i in range(4)]
+    bundle, ctx, samples = loaded(records)
+    prepared = modality.prepare(bundle, samples, ctx, False)
+    token_losses = []
+    with torch.no_grad():
+        for item in prepared.items:
+            batch = collate_items([item], bundle.processor.pad_token_id)
+            logits, targets, _ = target_logits(bundle.model, batch)
+            token_losses.append(torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none"))
+    expected = float(torch.cat(token_losses).mean())
+    measured = evaluate_loss(Accelerator(cpu=True), modality, bundle, bundle.model, prepared, batch_size=2)
+    assert abs(measured - expected) < 1e-5
+    by_sample = sum(float(t.mean()) for t in token_losses) / len(token_losses)
+    assert abs(by_sample - expected) > 1e-3  # the case where a per-sample mean would be wrong

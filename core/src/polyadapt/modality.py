@@ -187,6 +187,16 @@ class Modality(ABC):
         training), not ``bundle.model``. polyadapt puts the model in ``train()`` mode for training steps and in
         ``eval()`` mode for held-out losses, so ``model.training`` tells them apart (for augmentation, say)."""
 
+    def loss_weight(self, batch: dict[str, Any]) -> float:
+        """How much ``batch`` counts in the held-out loss, which is the weighted mean of batch losses.
+
+        The default is the number of samples. Language models return the number of target tokens, which makes the
+        held-out loss an exact per-token mean (and its exponential an exact perplexity).
+        """
+        from .training import batch_size_of
+
+        return float(batch_size_of(batch))
+
     # -- evaluation and serving --------------------------------------------------------------------------------------
     @abstractmethod
     def evaluate(

@@ -151,7 +151,7 @@ def evaluate_loss(
     split: PreparedSplit,
     batch_size: int,
 ) -> float | None:
-    """Mean loss over ``split`` (weighted by batch size), sharded over processes and reduced."""
+    """Mean loss over ``split`` (batches weighted by ``modality.loss_weight``), sharded over processes and reduced."""
     n = len(split.items)
     if n == 0:
         return None
@@ -164,13 +164,13 @@ def evaluate_loss(
         mine = global_batch[accelerator.process_index :: accelerator.num_processes]
         if not mine:
             continue
-        batch = move_to_device(
-            modality.collate(bundle, [split.items[i] for i in mine], training=False), accelerator.device
-        )
+        batch = modality.collate(bundle, [split.items[i] for i in mine], training=False)
+        weight = modality.loss_weight(batch)
+        batch = move_to_device(batch, accelerator.device)
         with accelerator.autocast():
             loss = modality.compute_loss(bundle, model, batch)
-        total[0] += loss.detach().double() * len(mine)
-        total[1] += len(mine)
+        total[0] += loss.detach().double() * weight
+        total[1] += weight
     total = accelerator.reduce(total, reduction="sum")
     if was_training:
         model.train()

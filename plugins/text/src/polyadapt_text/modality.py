@@ -132,6 +132,12 @@ class TextModality(Modality):
 
         return mean_loss(model, batch)
 
+    def loss_weight(self, batch: dict[str, Any]) -> float:
+        """Target tokens in the batch: the held-out loss is a per-token mean, so perplexity is exact."""
+        from .batching import IGNORE
+
+        return float((batch["labels"][:, 1:] != IGNORE).sum())
+
     # -- evaluation and serving --------------------------------------------------------------------------------------
     def evaluate(
         self, bundle: ModelBundle, samples: Sequence[Any], ctx: RunContext, eval_loss: float | None
