@@ -157,3 +157,11 @@ def test_text_encoder_lora_trains_both_or_is_refused_up_front(make_config):
     modality.compute_loss(bundle, bundle.model, batch).backward()
     trained = {n.split(".")[0] for n, p in bundle.model.named_parameters() if p.requires_grad and p.grad is not None}
     assert trained == {"denoiser", "text_encoders"}
+
+
+@pytest.mark.parametrize("sample", [True, False])
+def test_training_latents_are_posterior_samples_or_the_mean(make_config, sample):
+    modality, ctx, splits, bundle = setup(make_config(image={"sample_latents": sample}))
+    prepared = modality.prepare(bundle, splits.train, ctx, training=True)
+    batch = modality.collate(bundle, prepared.items[:4], training=True)
+    assert bool(batch["latent_noise"].abs().sum() > 0) is sample

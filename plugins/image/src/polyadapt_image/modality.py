@@ -39,6 +39,9 @@ class ImageSettings(ModalitySettings):
     cache_text_embeddings: bool | None = Field(
         None, description="Encode every caption once before training; default: on unless train_text_encoder."
     )
+    sample_latents: bool = Field(
+        True, description="Train on samples of the VAE posterior (diffusers' default); false: on its mean."
+    )
     train_text_encoder: bool = Field(False, description="Also put LoRA on the text encoder(s) attention projections.")
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
         "auto", description="Training target; auto = the pipeline scheduler's prediction_type."

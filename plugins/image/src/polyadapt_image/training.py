@@ -155,7 +155,8 @@ def collate(bundle: ModelBundle, items: Sequence[dict[str, Any]], training: bool
     if training:
         batch["timesteps"] = torch.randint(0, steps, (len(items),))
         batch["noise"] = torch.randn(len(items), *shape)
-        batch["latent_noise"] = torch.randn(len(items), *shape)
+        latent_noise = torch.randn(len(items), *shape)
+        batch["latent_noise"] = latent_noise if settings.sample_latents else torch.zeros_like(latent_noise)
         offset = torch.randn(len(items), shape[0], 1, 1)
     else:
         low, high = EVAL_TIMESTEP_RANGE
