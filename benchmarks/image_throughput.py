@@ -191,9 +191,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2, help="runs of each variant, interleaved; the best counts")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-image")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device if args.device != "auto" else auto)
     base = args.base
     if not (base / "model_index.json").is_file():
         from polyadapt_image.tiny import tiny_pipeline
@@ -230,6 +233,14 @@ def main() -> None:
             f"{name} vs reference: steps/s x{r['steps_per_second'] / reference['steps_per_second']:.2f}, "
             f"total time x{reference['total_seconds'] / r['total_seconds']:.2f} faster"
         )
+    if args.json:
+        summary = {
+            "cached_steps_per_second_ratio": results["polyadapt cached"]["steps_per_second"] / reference["steps_per_second"],
+            "uncached_steps_per_second_ratio": results["polyadapt uncached"]["steps_per_second"]
+            / reference["steps_per_second"],
+            "cached_total_time_ratio": reference["total_seconds"] / results["polyadapt cached"]["total_seconds"],
+        }
+        args.json.write_text(json.dumps({**summary, "device": str(device), "results": results}, indent=2))
 
 
 if __name__ == "__main__":
