@@ -122,18 +122,19 @@ def test_merged_export_passes_the_parity_gate(finished_run, tmp_path):
 
 
 def test_corrupted_merge_is_refused_with_the_measured_gap(finished_run, tmp_path, monkeypatch):
-    import polyadapt_text.export as text_export
+    from peft import LoraModel
+
     from polyadapt.export import export_run
 
-    real_merge = text_export.merge_adapter
+    real_merge = LoraModel.merge_and_unload
 
-    def corrupted(model):
-        merged = real_merge(model)
+    def corrupted(self, *args, **kwargs):
+        merged = real_merge(self, *args, **kwargs)
         with torch.no_grad():
             merged.model.layers[0].self_attn.v_proj.weight.mul_(1.5)
         return merged
 
-    monkeypatch.setattr(text_export, "merge_adapter", corrupted)
+    monkeypatch.setattr(LoraModel, "merge_and_unload", corrupted)
     with pytest.raises(ExportError, match=r"differ from base\+adapter by up to [0-9.e+-]+ \(tolerance"):
         export_run(finished_run, "merged", tmp_path / "bad")
     assert not (tmp_path / "bad").exists()

@@ -57,3 +57,33 @@ def export_run(run_dir: str | Path, format_name: str, output: str | Path, overwr
         output.rmdir()
     partial.rename(output)
     return record
+
+
+def merge_with_parity_gate(
+    model: Any, outputs: Callable[[Any], Any], tolerance: float, setting: str, method: str
+) -> tuple[Any, float]:
+    """Fold a peft adapter into its base weights, refusing the merge when the outputs move.
+
+    ``outputs(model)`` runs a fixed input and returns the tensor to compare (logits; padding positions left out); it is
+    run in float32 on base+adapter and on the merged model. Returns ``(merged_model, max_abs_gap)``; raises
+    :class:`ExportError` naming the measured gap and the ``setting`` that holds the tolerance when it is exceeded.
+    """
+    import torch
+
+    if not hasattr(model, "merge_and_unload"):
+        raise ExportError(f"peft.method {method!r} cannot be merged into the base weights; use the adapter")
+    model = model.float().eval()
+    with torch.no_grad():
+        reference = outputs(model).float()
+    merged = model.merge_and_unload().eval()
+    if getattr(merged, "hf_quantizer", None) is not None:
+        raise ExportError("the base model is held in quantized form; a merged model cannot be saved from it")
+    with torch.no_grad():
+        candidate = outputs(merged).float()
+    gap = (reference - candidate).abs().max().item()
+    if not gap <= tolerance:
+        raise ExportError(
+            f"merged export refused: the merged model's outputs differ from base+adapter by up to {gap:.3g} "
+            f"(tolerance {setting} = {tolerance:g})"
+        )
+    return merged, gap

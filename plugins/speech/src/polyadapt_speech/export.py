@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from polyadapt.errors import ExportError
+from polyadapt.export import merge_with_parity_gate
 
 PARITY_TEXT = " Thank you for calling, how can I help you with your account today?"
 
@@ -39,29 +40,12 @@ def parity_inputs(bundle: Any, device: Any) -> dict[str, Any]:
 
 def merged_model(run: Any) -> tuple[Any, dict[str, Any]]:
     """Merge the run's adapter into Whisper after the parity gate; returns the plain model and the gate's figures."""
-    import torch
-
     bundle = run.bundle
-    model = bundle.model
-    if not hasattr(model, "merge_and_unload"):
-        raise ExportError(
-            f"peft.method {run.config.peft.method!r} cannot be merged into the base weights; use the adapter"
-        )
     tolerance = run.config.settings.merge_tolerance
-    model = model.float().eval()
-    device = next(model.parameters()).device
-    inputs = parity_inputs(bundle, device)
-    with torch.no_grad():
-        reference = model(**inputs).logits
-    merged = model.merge_and_unload().eval()
-    with torch.no_grad():
-        candidate = merged(**inputs).logits
-    gap = (reference.float() - candidate.float()).abs().max().item()
-    if not gap <= tolerance:
-        raise ExportError(
-            f"merged export refused: the merged model's logits differ from base+adapter by up to {gap:.3g} "
-            f"(tolerance speech.merge_tolerance = {tolerance:g})"
-        )
+    inputs = parity_inputs(bundle, next(bundle.model.parameters()).device)
+    merged, gap = merge_with_parity_gate(
+        bundle.model, lambda model: model(**inputs).logits, tolerance, "speech.merge_tolerance", run.config.peft.method
+    )
     return merged, {
         "max_abs_logit_gap": gap,
         "tolerance": tolerance,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from polyadapt.errors import ExportError
+from polyadapt.export import merge_with_parity_gate
 
 # A fixed, model-independent batch for the parity gate: ordinary sentences plus the tokenizer's own special tokens.
 PARITY_TEXTS = (
@@ -29,49 +29,24 @@ def parity_batch(tokenizer: Any) -> dict[str, Any]:
     return {"input_ids": input_ids, "attention_mask": mask}
 
 
-def merge_adapter(peft_model: Any) -> Any:
-    """Fold the adapter into the base weights (peft's ``merge_and_unload``) and return the plain model."""
-    return peft_model.merge_and_unload()
-
-
-def logit_gap(reference: Any, candidate: Any, mask: Any) -> float:
-    """Largest absolute difference between two logit tensors over the real (non-padding) positions."""
-    real = mask.bool()
-    return (reference.float()[real] - candidate.float()[real]).abs().max().item()
-
-
 def export_merged(run: Any, output_dir: Path) -> dict[str, Any]:
     """Merge the adapter into the base model and save it with the tokenizer, after the parity gate.
 
     The gate runs base+adapter and the merged model on :func:`parity_batch` in float32 and refuses the export when the
-    largest logit difference exceeds ``text.merge_tolerance``.
+    largest logit difference over real (non-padding) tokens exceeds ``text.merge_tolerance``.
     """
-    import torch
-
     bundle = run.bundle
-    model = bundle.model
-    if not hasattr(model, "merge_and_unload"):
-        raise ExportError(
-            f"peft.method {run.config.peft.method!r} cannot be merged into the base weights; use the adapter"
-        )
     tolerance = run.config.settings.merge_tolerance
-    batch = parity_batch(bundle.processor)
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
-    model = model.float().eval()
-    with torch.no_grad():
-        reference = model(**batch).logits
-    merged = merge_adapter(model).eval()
-    if getattr(merged, "hf_quantizer", None) is not None:
-        raise ExportError("the base model is held in quantized form; a merged model cannot be saved from it")
-    with torch.no_grad():
-        candidate = merged(**batch).logits
-    gap = logit_gap(reference, candidate, batch["attention_mask"])
-    if not gap <= tolerance:
-        raise ExportError(
-            f"merged export refused: the merged model's logits differ from base+adapter by up to {gap:.3g} "
-            f"(tolerance text.merge_tolerance = {tolerance:g})"
-        )
+    device = next(bundle.model.parameters()).device
+    batch = {k: v.to(device) for k, v in parity_batch(bundle.processor).items()}
+    real = batch["attention_mask"].bool()
+    merged, gap = merge_with_parity_gate(
+        bundle.model,
+        lambda model: model(**batch).logits[real],
+        tolerance,
+        "text.merge_tolerance",
+        run.config.peft.method,
+    )
     merged.save_pretrained(str(output_dir), safe_serialization=True)
     bundle.processor.save_pretrained(str(output_dir))
     return {
