@@ -48,7 +48,7 @@ def main(argv: list[str]) -> int:
         print(f"{'modality':<8}  {'metric':<24}  {'before':>10}  {'after':>10}  {'':<6}  run")
         for name, row, _, run_dir in rows:
             before = "-" if row["before"] is None else f"{row['before']:.4f}"
-            verdict = "" if "improved" not in row else ("better" if row["improved"] else "worse")
+            verdict = {True: "better", False: "worse", None: "same"}[row["improved"]] if "improved" in row else ""
             print(
                 f"{name:<8}  {row['metric']:<24}  {before:>10}  {row['after']:>10.4f}  {verdict:<6}  {run_dir}/report.html"
             )

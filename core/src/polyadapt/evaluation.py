@@ -38,6 +38,7 @@ def compare(
         row: dict[str, Any] = {"metric": name, "before": old, "after": value, "higher_is_better": higher}
         if old is not None:
             row["change"] = value - old
-            row["improved"] = value > old if higher else value < old
+            # None when nothing moved (counts, saturated scores): neither better nor worse
+            row["improved"] = None if value == old else (value > old if higher else value < old)
         rows.append(row)
     return rows

@@ -70,7 +70,7 @@ def _fmt(value: Any) -> str:
 def _metrics_table(rows: list[dict[str, Any]], primary: str) -> str:
     body = []
     for row in rows:
-        verdict = "" if "improved" not in row else ("better" if row["improved"] else "worse")
+        verdict = {True: "better", False: "worse", None: "same"}[row["improved"]] if "improved" in row else ""
         arrow = "↑" if row["higher_is_better"] else "↓"
         name = html.escape(row["metric"]) + (" <span class=tag>primary</span>" if row["metric"] == primary else "")
         change = _fmt(row.get("change")) if "change" in row else "–"
