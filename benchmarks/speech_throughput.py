@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
-import os
-import resource
 import tempfile
 import time
 from pathlib import Path
+
+from harness import StepClock, measure, peak_memory, sync
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "sample_data" / "speech"
@@ -66,44 +65,6 @@ def build_model(processor, device: str):
         eos_token_id=tokens.eot, decoder_start_token_id=tokens.sot, suppress_tokens=[], begin_suppress_tokens=[tokens.eot],
     )  # fmt: skip
     return WhisperForConditionalGeneration(config).to(device), tokens
-
-
-def peak_memory(device: str) -> float:
-    """Peak memory in MiB: CUDA allocated, or the process's resident set size."""
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def sync(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-class StepClock:
-    """Wall time and clips of the optimizer steps after the warm-up ones."""
-
-    def __init__(self, warmup: int, device: str):
-        self.warmup, self.device = warmup, device
-        self.steps = self.clips = 0
-        self.started: float | None = None
-        self.seconds = 0.0
-
-    def step_done(self, clips: int) -> None:
-        self.steps += 1
-        if self.steps == self.warmup:
-            sync(self.device)
-            self.started = time.perf_counter()
-        elif self.steps > self.warmup:
-            self.clips += clips
-
-    def stop(self) -> None:
-        sync(self.device)
-        self.seconds = time.perf_counter() - (self.started or time.perf_counter())
 
 
 def speech_config(args: dict, output: str):
@@ -162,7 +123,7 @@ def run_polyadapt(args: dict) -> dict:
         )  # fmt: skip
         clock.stop()
     return {
-        "samples_per_second": clock.clips / clock.seconds,
+        "samples_per_second": clock.units / clock.seconds,
         "peak_mib": peak_memory(device),
         "measured_steps": clock.steps - args["warmup"],
     }
@@ -236,7 +197,7 @@ def run_trainer(args: dict) -> dict:
         trainer.train()
         clock.stop()
     return {
-        "samples_per_second": clock.clips / clock.seconds,
+        "samples_per_second": clock.units / clock.seconds,
         "peak_mib": peak_memory(device),
         "measured_steps": clock.steps - args["warmup"],
     }
@@ -286,21 +247,6 @@ def run_features(args: dict) -> dict:
     }
 
 
-def child(target: str, args: dict, queue) -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    queue.put({"polyadapt": run_polyadapt, "trainer": run_trainer, "features": run_features}[target](args))
-
-
-def measure(target: str, args: dict) -> dict:
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=child, args=(target, args, queue))
-    process.start()
-    result = queue.get()
-    process.join()
-    return result
-
-
 def main() -> None:
     import torch
 
@@ -325,10 +271,10 @@ def main() -> None:
     for _ in range(options.repeats):
         # alternating, so a busy spell on a shared machine does not land on one side only
         for target in runs:
-            runs[target].append(measure(target, args))
+            runs[target].append(measure({"trainer": run_trainer, "polyadapt": run_polyadapt}[target], args))
     reference = max(runs["trainer"], key=lambda r: r["samples_per_second"])
     ours = max(runs["polyadapt"], key=lambda r: r["samples_per_second"])
-    features = measure("features", args)
+    features = measure(run_features, args)
     print(f"{'':28}{'reference':>12}{'polyadapt':>12}{'ratio':>9}")
     print(
         f"{'training samples/s':28}{reference['samples_per_second']:12.2f}{ours['samples_per_second']:12.2f}"

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
-import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from harness import StepClock, measure, peak_memory, sync
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "sample_data" / "text"
@@ -75,45 +75,6 @@ def text_items(tokenizer, max_length: int) -> list[dict]:
     splits = load_text_dataset(DATA / "train.jsonl", holdout=0.01)
     items, _ = tokenize_samples(list(splits.train), tokenizer, max_length, SYSTEM_PROMPT, completion_only=True)
     return items
-
-
-def peak_memory(device: str) -> float:
-    """Peak memory in MiB: CUDA allocated, or the process's resident set size."""
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def sync(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-class StepClock:
-    """Wall time and useful tokens of the optimizer steps after the warm-up ones."""
-
-    def __init__(self, warmup: int, device: str):
-        self.warmup, self.device = warmup, device
-        self.steps = 0
-        self.tokens = 0
-        self.started: float | None = None
-        self.seconds = 0.0
-
-    def step_done(self, tokens: int) -> None:
-        self.steps += 1
-        if self.steps == self.warmup:
-            sync(self.device)
-            self.started = time.perf_counter()
-        elif self.steps > self.warmup:
-            self.tokens += tokens
-
-    def stop(self) -> None:
-        sync(self.device)
-        self.seconds = time.perf_counter() - (self.started or time.perf_counter())
 
 
 def run_polyadapt(args: dict) -> dict:
@@ -177,14 +138,14 @@ def run_polyadapt(args: dict) -> dict:
         clock.stop()
         del modality.collate
     return {
-        "tokens_per_second": clock.tokens / clock.seconds,
+        "tokens_per_second": clock.units / clock.seconds,
         "peak_mib": peak_memory(device),
         "measured_steps": clock.steps - args["warmup"],
-        "useful_tokens": clock.tokens,
+        "useful_tokens": clock.units,
         "rows": len(prepared.items),
         "packing_efficiency": prepared.stats.get("packing_efficiency"),
         "truncated": prepared.stats["truncated"],
-        "flops": step_flops(bundle.model, clock.tokens, prepared),
+        "flops": step_flops(bundle.model, clock.units, prepared),
     }
 
 
@@ -259,10 +220,10 @@ def run_trainer(args: dict) -> dict:
         trainer.train()
         clock.stop()
     return {
-        "tokens_per_second": clock.tokens / clock.seconds,
+        "tokens_per_second": clock.units / clock.seconds,
         "peak_mib": peak_memory(device),
         "measured_steps": clock.steps - args["warmup"],
-        "useful_tokens": clock.tokens,
+        "useful_tokens": clock.units,
     }
 
 
@@ -299,21 +260,6 @@ def matmul_peak(device: str, dtype_name: str, threads: int) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
-def child(target: str, args: dict, queue) -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    queue.put({"polyadapt": run_polyadapt, "trainer": run_trainer}[target](args))
-
-
-def measure(target: str, args: dict) -> dict:
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=child, args=(target, args, queue))
-    process.start()
-    result = queue.get()
-    process.join()
-    return result
-
-
 def main() -> None:
     import torch
 
@@ -340,9 +286,9 @@ def main() -> None:
     }  # fmt: skip
     print(f"device {device}, precision {precision}, {options.threads} CPU threads, batch {options.batch_size}, "
           f"{options.steps} steps ({options.warmup} warm-up), model LLaMA {LAYERS}x{WIDTH}, LoRA r={LORA_R}")  # fmt: skip
-    reference = measure("trainer", {**args, "packing": False})
-    unpacked = measure("polyadapt", {**args, "packing": False})
-    packed = measure("polyadapt", {**args, "packing": True})
+    reference = measure(run_trainer, {**args, "packing": False})
+    unpacked = measure(run_polyadapt, {**args, "packing": False})
+    packed = measure(run_polyadapt, {**args, "packing": True})
     peak = matmul_peak(device, precision, options.threads)
     rows = [
         ("HF Trainer + PEFT (padded)", reference),
