@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -29,6 +30,34 @@ class Problem:
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def read_jsonl(
+    path: Path, shown: str, split: str | None = None, expected: str = "a JSON object"
+) -> tuple[list[tuple[int, dict[str, Any]]], list[Problem]]:
+    """The records of a JSON Lines file with their line numbers, and a Problem for each line that is not a JSON object.
+
+    Blank lines are skipped. ``shown`` is the file name used in messages; ``expected`` completes "expected ...".
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        return [], [Problem(shown, f"not UTF-8 text: {exc.reason}", split=split)]
+    records: list[tuple[int, dict[str, Any]]] = []
+    problems: list[Problem] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problems.append(Problem(shown, f"invalid JSON: {exc.msg}", line=number, split=split))
+            continue
+        if not isinstance(record, dict):
+            problems.append(Problem(shown, f"expected {expected}", line=number, split=split))
+            continue
+        records.append((number, record))
+    return records, problems
 
 
 def resolve_inside(root: Path, relative: str) -> Path | None:

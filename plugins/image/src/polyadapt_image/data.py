@@ -19,13 +19,12 @@ image. Files are only read, never changed or deleted.
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from polyadapt.data import Problem, deterministic_holdout, resolve_inside
+from polyadapt.data import Problem, deterministic_holdout, read_jsonl, resolve_inside
 from polyadapt.errors import DataError
 from polyadapt.modality import DatasetSplits
 
@@ -94,29 +93,17 @@ def check_image(path: Path, max_pixels: int) -> str | None:
     return None
 
 
-def read_split(root: Path, directory: Path, split: str, settings: Any) -> tuple[list[ImageSample], list[Problem], list[Path]]:
+def read_split(
+    root: Path, directory: Path, split: str, settings: Any
+) -> tuple[list[ImageSample], list[Problem], list[Path]]:
     """Samples, problems and files of one split directory (which holds ``metadata.jsonl``)."""
     metadata = directory / METADATA
     shown = _shown(root, metadata)
     samples: list[ImageSample] = []
-    problems: list[Problem] = []
     files = [metadata]
-    try:
-        lines = metadata.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        return [], [Problem(shown, f"not UTF-8 text: {exc.reason}", split=split)], files
+    records, problems = read_jsonl(metadata, shown, split, "a JSON object with file_name and text")
     seen: set[str] = set()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            problems.append(Problem(shown, f"invalid JSON: {exc.msg}", line=number, split=split))
-            continue
-        if not isinstance(record, dict):
-            problems.append(Problem(shown, "expected a JSON object with file_name and text", line=number, split=split))
-            continue
+    for number, record in records:
         name = record.get("file_name")
         if not isinstance(name, str) or not name.strip():
             problems.append(Problem(shown, "missing 'file_name'", line=number, split=split))
@@ -124,12 +111,16 @@ def read_split(root: Path, directory: Path, split: str, settings: Any) -> tuple[
         target = resolve_inside(directory, name)
         where = _shown(root, directory / name)
         if target is None:
-            problems.append(Problem(where, f"file_name {name!r} escapes the dataset directory", line=number, split=split))
+            problems.append(
+                Problem(where, f"file_name {name!r} escapes the dataset directory", line=number, split=split)
+            )
             continue
         caption = record.get(settings.caption_column)
         if not isinstance(caption, str) or not caption.strip():
             problems.append(
-                Problem(where, f"missing caption (key {settings.caption_column!r} in {shown})", line=number, split=split)
+                Problem(
+                    where, f"missing caption (key {settings.caption_column!r} in {shown})", line=number, split=split
+                )
             )
             continue
         reason = check_image(target, settings.max_image_pixels)
@@ -176,7 +167,9 @@ def load_dataset(config: AdaptConfig, path: Path) -> DatasetSplits:
         details["holdout"] = f"{held_dir.name}/ directory"
     else:
         train, held, indices = deterministic_holdout(train, config.data.holdout, config.train.seed)
-        details["holdout"] = f"{len(indices)} of train cut off (data.holdout={config.data.holdout}, seed={config.train.seed})"
+        details["holdout"] = (
+            f"{len(indices)} of train cut off (data.holdout={config.data.holdout}, seed={config.train.seed})"
+        )
         details["holdout_files"] = [s.key for s in held]
     return DatasetSplits(train=train, validation=held, files=files, problems=problems, details=details)
 

@@ -17,7 +17,6 @@ soundfile (librosa as a fallback), mixed to mono and resampled to 16 kHz with to
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from polyadapt.data import Problem, deterministic_holdout, resolve_inside
+from polyadapt.data import Problem, deterministic_holdout, read_jsonl, resolve_inside
 
 SAMPLE_RATE = 16_000
 MIN_SECONDS = 0.1
@@ -105,19 +104,7 @@ def read_metadata(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], list[Pr
             for row in reader:
                 rows.append((reader.line_num, {k: v for k, v in row.items() if k is not None}))
     else:
-        with open(path, encoding="utf-8") as handle:
-            for number, text in enumerate(handle, start=1):
-                if not text.strip():
-                    continue
-                try:
-                    record = json.loads(text)
-                except json.JSONDecodeError as exc:
-                    problems.append(Problem(name, f"invalid JSON: {exc.msg}", line=number))
-                    continue
-                if not isinstance(record, dict):
-                    problems.append(Problem(name, "expected a JSON object", line=number))
-                    continue
-                rows.append((number, record))
+        rows, problems = read_jsonl(path, name)
     return rows, problems
 
 
