@@ -177,3 +177,35 @@ def test_packing_respects_the_label_budget(tmp_path, tiny_whisper):
     packed = modality.prepare(bundle, splits.train, ctx, training=True)
     assert 1 < len(packed.items) < len(splits.train)
     assert all(len(item["sequence"]) - 3 <= 45 for item in packed.items)  # minus <|sot|>, <|notimestamps|>, end
+
+
+def test_decoder_loss_matches_the_models_own_logits_and_gradients(tmp_path, tiny_whisper):
+    """The projection and loss computed together in chunks give the loss and adapter gradients of full logits."""
+    from polyadapt_speech.features import log_mel
+    from polyadapt_speech.model import decoder_loss
+
+    modality, bundle, ctx, splits = _setup(tmp_path, tiny_whisper)
+    items = modality.prepare(bundle, splits.train[:3], ctx, training=True).items
+    modality.add_adapter(bundle, ctx)
+    model = bundle.model.eval()  # no dropout, so both passes see the same network
+    batch = modality.collate(bundle, items, training=False)
+    features = log_mel(batch["audio"], bundle.processor.feature_extractor.feature_size)
+    inputs = {"input_features": features, "decoder_input_ids": batch["decoder_input_ids"]}
+    assert (batch["labels"] == -100).any()  # padding positions are part of the case
+
+    def loss_and_grads(compute):
+        model.zero_grad()
+        loss = compute()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def plain():
+        logits = model(**inputs).logits
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1))
+
+    expected, expected_grads = loss_and_grads(plain)
+    got, got_grads = loss_and_grads(lambda: decoder_loss(model, batch["labels"], **inputs))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert expected_grads.keys() == got_grads.keys() and expected_grads
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

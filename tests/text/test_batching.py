@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 
 from polyadapt.errors import ConfigError
-from polyadapt_text.batching import IGNORE, collate_items, pack, packing_isolated, target_logits
+from polyadapt_text.batching import (
+    IGNORE,
+    collate_items,
+    fusable_head,
+    fused_loss_matches,
+    mean_loss,
+    pack,
+    packing_isolated,
+    target_logits,
+)
 from polyadapt_text.data import load_text_dataset
 from tests.text.builders import chat_records, make_config, make_ctx, prompt_records, text_records, write_jsonl
 
@@ -215,3 +224,58 @@ def test_held_out_loss_is_a_per_token_mean(loaded, modality):
     assert abs(measured - expected) < 1e-5
     by_sample = sum(float(t.mean()) for t in token_losses) / len(token_losses)
     assert abs(by_sample - expected) > 1e-3  # the case where a per-sample mean would be wrong
+
+
+def lora_gradients(model, batch, fused):
+    model.zero_grad()
+    loss = mean_loss(model, batch, fused=fused)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("packing", [False, True])
+def test_fused_loss_gives_the_same_loss_and_adapter_gradients(loaded, modality, kind, packing):
+    bundle, ctx, samples = loaded(chat_records(6) + prompt_records(3), kind=kind, max_length=128, packing=packing)
+    modality.add_adapter(bundle, ctx)
+    prepared = modality.prepare(bundle, samples, ctx, training=True)
+    assert bundle.components["fused_loss"] and prepared.stats["fused_loss"]
+    assert fusable_head(bundle.model) is not None
+    batch = modality.collate(bundle, prepared.items, training=True)
+    bundle.model.eval()  # GPT-2's dropout would make two passes differ
+    plain_loss, plain = lora_gradients(bundle.model, batch, fused=False)
+    fused_loss, fused = lora_gradients(bundle.model, batch, fused=True)
+    torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-5, atol=1e-5)
+    assert plain.keys() == fused.keys() and plain
+    for name in plain:
+        torch.testing.assert_close(fused[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
+    # the modality's own loss takes the fused path and still gives the plain value
+    torch.testing.assert_close(modality.compute_loss(bundle, bundle.model, batch).detach(), plain_loss)
+
+
+def test_fused_loss_is_not_used_for_a_model_that_transforms_its_logits(tmp_path):
+    """Gemma 2 soft-caps its logits after the head: the check finds the gap and the plain loss is kept."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, final_logit_softcapping=2.0,
+    )  # fmt: skip
+    model = Gemma2ForCausalLM(config)
+    matches, gap = fused_loss_matches(model, 384)
+    assert not matches and gap > 1e-3
+    model.config.final_logit_softcapping = None
+    assert fused_loss_matches(model, 384)[0]
+
+
+def test_fused_loss_switch_and_adapted_heads(loaded, modality):
+    bundle, ctx, samples = loaded(chat_records(3), fused_loss=False)
+    modality.prepare(bundle, samples, ctx, training=True)
+    assert bundle.components["fused_loss"] is False
+    # a LoRA on the output head itself replaces the plain linear layer: nothing to fuse
+    bundle, ctx, samples = loaded(chat_records(3))
+    config = ctx.config.model_copy(update={"peft": ctx.config.peft.model_copy(update={"target_modules": ["lm_head"]})})
+    modality.add_adapter(bundle, make_ctx(config))
+    assert fusable_head(bundle.model) is None
+    assert not fused_loss_matches(bundle.model, 384)[0]

@@ -384,10 +384,9 @@ class SpeechModality(Modality):
         return batch
 
     def compute_loss(self, bundle: ModelBundle, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        import torch
 
         from .features import log_mel, spec_augment
-        from .model import encoder_is_frozen
+        from .model import decoder_loss, encoder_is_frozen
 
         settings: SpeechSettings = bundle.components.get("settings") or SpeechSettings()
         cache = bundle.components.get("encoder_cache")
@@ -396,9 +395,8 @@ class SpeechModality(Modality):
             hidden = cache.encode(
                 model, batch["audio"], batch["clip_keys"].tolist(), bundle.processor.feature_extractor.feature_size
             )
-            logits = model(encoder_outputs=(hidden,), decoder_input_ids=batch["decoder_input_ids"]).logits
-            return torch.nn.functional.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1), ignore_index=-100
+            return decoder_loss(
+                model, batch["labels"], encoder_outputs=(hidden,), decoder_input_ids=batch["decoder_input_ids"]
             )
         features = batch.get("input_features")
         if features is None:
@@ -406,9 +404,8 @@ class SpeechModality(Modality):
         if model.training and settings.specaugment:
             features = spec_augment(features, settings.freq_mask_bins, settings.time_mask_frames, settings.spec_masks)
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-        logits = model(input_features=features.to(dtype), decoder_input_ids=batch["decoder_input_ids"]).logits
-        return torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1), ignore_index=-100
+        return decoder_loss(
+            model, batch["labels"], input_features=features.to(dtype), decoder_input_ids=batch["decoder_input_ids"]
         )
 
     # -- evaluation and serving --------------------------------------------------------------------------------------

@@ -9,11 +9,14 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from polyadapt.errors import ConfigError
 
 from .ct2 import dequantized, is_ct2_directory, read_model_bin, whisper_state_dict
+
+if TYPE_CHECKING:
+    import torch
 
 #: Whisper special tokens the plugin relies on (present in every Whisper tokenizer, English-only or multilingual)
 SPECIAL_TOKENS = {
@@ -267,6 +270,28 @@ def whisper_core(model: Any) -> Any:
     """The ``WhisperForConditionalGeneration`` inside distributed and PEFT wrappers."""
     inner = getattr(model, "module", model)
     return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
+def decoder_loss(model: Any, labels: torch.Tensor, **inputs: Any) -> torch.Tensor:
+    """Mean cross-entropy of the decoder's predictions against ``labels`` (``-100`` left out).
+
+    The output projection and the loss are computed together, chunk by chunk
+    (:func:`polyadapt.losses.linear_cross_entropy`): Whisper's 51,865-way logits for every decoder position are never
+    held at once. The model still runs through its own ``forward`` (and any wrapper around it), up to the projection.
+    """
+    import torch
+
+    from polyadapt.losses import bypass_head, linear_cross_entropy
+
+    head = whisper_core(model).get_output_embeddings()
+    if type(head) is not torch.nn.Linear:  # an adapted projection: the model computes its logits itself
+        logits = model(**inputs).logits
+        return torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+        )
+    with bypass_head(head):
+        hidden = model(**inputs).logits
+    return linear_cross_entropy(hidden, head.weight, labels, head.bias)
 
 
 def encoder_is_frozen(model: Any) -> bool:

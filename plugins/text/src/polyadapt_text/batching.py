@@ -221,34 +221,88 @@ def _accepts_logits_to_keep(model_class: type) -> bool:
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
+def _forward_inputs(model: Any, batch: dict[str, torch.Tensor]) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """The model's keyword arguments for ``batch``, the mask of positions that predict a target, and the targets."""
+    labels = batch["labels"]
+    keep = labels.new_zeros(labels.shape, dtype=bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE
+    inputs: dict[str, Any] = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    # with a cache, transformers builds a plain causal mask and ignores the packed position ids
+    inputs["use_cache"] = False
+    if _accepts_logits_to_keep(type(_unwrap(model))):
+        inputs["logits_to_keep"] = keep
+    return inputs, keep, labels[:, 1:][keep[:, :-1]]
+
+
 def target_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits at the positions that predict a target token, the targets, and each position's row and column.
 
     Only those positions go through the output head (``logits_to_keep`` with a boolean mask), which saves the largest
     activation of a small LM's step when loss is taken on completions only.
     """
-    labels = batch["labels"]
-    keep = labels.new_zeros(labels.shape, dtype=bool)
-    keep[:, :-1] = labels[:, 1:] != IGNORE
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    # with a cache, transformers builds a plain causal mask and ignores the packed position ids
-    inputs["use_cache"] = False
-    if _accepts_logits_to_keep(type(_unwrap(model))):
-        inputs["logits_to_keep"] = keep
+    inputs, keep, targets = _forward_inputs(model, batch)
     logits = model(**inputs).logits
     if logits.dim() == 3:
         logits = logits[keep]
-    targets = labels[:, 1:][keep[:, :-1]]
-    where = keep.nonzero()
-    return logits, targets, where
+    return logits, targets, keep.nonzero()
 
 
-def mean_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy over every target token of the batch."""
+def fusable_head(model: Any) -> torch.nn.Linear | None:
+    """The model's output head when it is a plain linear layer (not adapted itself), else None."""
+    import torch
+
+    head = _unwrap(model).get_output_embeddings()
+    return head if type(head) is torch.nn.Linear else None
+
+
+def mean_loss(model: Any, batch: dict[str, torch.Tensor], fused: bool = False) -> torch.Tensor:
+    """Mean cross-entropy over every target token of the batch.
+
+    With ``fused``, the model runs up to its output head and the head and the loss are computed together, chunk by
+    chunk (:func:`polyadapt.losses.linear_cross_entropy`): the target positions' logits are never held all at once.
+    Callers check with :func:`fused_loss_matches` that the model applies its head to the hidden states and nothing
+    after it (no logit soft-capping or scaling).
+    """
     import torch.nn.functional as F
 
-    logits, targets, _ = target_logits(model, batch)
-    return F.cross_entropy(logits.float(), targets)
+    head = fusable_head(model) if fused else None
+    if head is None:
+        logits, targets, _ = target_logits(model, batch)
+        return F.cross_entropy(logits.float(), targets)
+    from polyadapt.losses import bypass_head, linear_cross_entropy
+
+    inputs, keep, targets = _forward_inputs(model, batch)
+    with bypass_head(head):
+        hidden = model(**inputs).logits
+    if hidden.dim() == 3:
+        hidden = hidden[keep]
+    return linear_cross_entropy(hidden, head.weight, targets, head.bias)
+
+
+def fused_loss_matches(model: Any, vocab_size: int, tolerance: float = 1e-4) -> tuple[bool, float]:
+    """Whether the fused head + loss gives the model's own loss on a short random sequence (eval mode, no grad).
+
+    Returns ``(matches, relative_gap)``; false for models without a plain linear head or that transform the logits
+    after it.
+    """
+    import torch
+
+    if fusable_head(model) is None:
+        return False, float("inf")
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab_size, (1, 9), generator=generator)
+    device = next(model.parameters()).device
+    batch = {"input_ids": ids.to(device), "labels": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            plain = mean_loss(model, batch).item()
+            fused = mean_loss(model, batch, fused=True).item()
+    finally:
+        model.train(was_training)
+    gap = abs(plain - fused) / max(1.0, abs(plain))
+    return gap <= tolerance, gap
 
 
 def packing_isolated(model: Any, vocab_size: int, tolerance: float = 1e-4) -> tuple[bool, float]:

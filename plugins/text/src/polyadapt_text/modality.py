@@ -41,6 +41,11 @@ class TextSettings(ModalitySettings):
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flex_attention"] | None = Field(
         None, description="Attention kernel; default: transformers' choice for the model."
     )
+    fused_loss: bool = Field(
+        True,
+        description="Compute the output head and the loss together in chunks (never all target logits at once); "
+        "used when a check shows it gives the model's own loss.",
+    )
     merge_tolerance: float = Field(
         1e-3, gt=0, description="merged export: largest allowed |logit| gap between merged and base+adapter (fp32)."
     )
@@ -102,14 +107,18 @@ class TextModality(Modality):
         )
 
     def prepare(self, bundle: ModelBundle, samples: Sequence[Any], ctx: RunContext, training: bool) -> PreparedSplit:
-        from .batching import pack, packing_isolated, tokenize_samples
+        from .batching import fused_loss_matches, pack, packing_isolated, tokenize_samples
 
         settings = ctx.settings
+        vocab = bundle.model.get_input_embeddings().num_embeddings
+        if "fused_loss" not in bundle.components:
+            bundle.components["fused_loss"] = settings.fused_loss and fused_loss_matches(bundle.model, vocab)[0]
         items, stats = tokenize_samples(
             samples, bundle.processor, settings.max_length, settings.system_prompt, settings.completion_only_loss
         )
+        stats["fused_loss"] = bundle.components["fused_loss"]
         if training and settings.packing and items:
-            isolated, gap = packing_isolated(bundle.model, bundle.model.get_input_embeddings().num_embeddings)
+            isolated, gap = packing_isolated(bundle.model, vocab)
             if not isolated:
                 attn = getattr(bundle.model.config, "_attn_implementation", "?")
                 raise ConfigError(
@@ -130,7 +139,7 @@ class TextModality(Modality):
     def compute_loss(self, bundle: ModelBundle, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         from .batching import mean_loss
 
-        return mean_loss(model, batch)
+        return mean_loss(model, batch, fused=bundle.components.get("fused_loss", False))
 
     def loss_weight(self, batch: dict[str, Any]) -> float:
         """Target tokens in the batch: the held-out loss is a per-token mean, so perplexity is exact."""
