@@ -9,13 +9,13 @@ def test_read_jsonl_keeps_line_numbers_and_names_every_bad_line(tmp_path):
     records, problems = read_jsonl(path, "metadata.jsonl", split="train", expected="an object with a")
     assert records == [(1, {"a": 1}), (5, {"b": 2})]
     assert [str(p) for p in problems] == [
-        "metadata.jsonl:3: invalid JSON: Expecting property name enclosed in double quotes",
-        "metadata.jsonl:4: expected an object with a",
+        "metadata.jsonl:3: invalid JSON: Expecting property name enclosed in double quotes (column 2)",
+        "metadata.jsonl:4: expected an object with a, got list",
     ]
     assert all(p.split == "train" for p in problems)
     path.write_bytes(b'{"a": "\xff"}\n')
     records, problems = read_jsonl(path, "metadata.jsonl")
-    assert records == [] and "not UTF-8 text" in problems[0].reason
+    assert records == [] and problems[0].reason.startswith("not UTF-8 text") and "at byte 7" in problems[0].reason
 
 
 def test_resolve_inside_rejects_escaping_paths(tmp_path):

@@ -43,7 +43,7 @@ def test_forced_format_rejects_other_records(tmp_path):
 
 
 BAD_LINES = [
-    ('{"messages": [', "malformed JSON"),
+    ('{"messages": [', "invalid JSON"),
     ('["not", "an", "object"]', "expected a JSON object, got list"),
     ('{"prompt": "hi"}', "missing key 'messages'"),
     (

@@ -42,7 +42,7 @@ def read_jsonl(
     try:
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        return [], [Problem(shown, f"not UTF-8 text: {exc.reason}", split=split)]
+        return [], [Problem(shown, f"not UTF-8 text: {exc.reason} at byte {exc.start}", split=split)]
     records: list[tuple[int, dict[str, Any]]] = []
     problems: list[Problem] = []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -51,10 +51,10 @@ def read_jsonl(
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            problems.append(Problem(shown, f"invalid JSON: {exc.msg}", line=number, split=split))
+            problems.append(Problem(shown, f"invalid JSON: {exc.msg} (column {exc.colno})", line=number, split=split))
             continue
         if not isinstance(record, dict):
-            problems.append(Problem(shown, f"expected {expected}", line=number, split=split))
+            problems.append(Problem(shown, f"expected {expected}, got {type(record).__name__}", line=number, split=split))
             continue
         records.append((number, record))
     return records, problems

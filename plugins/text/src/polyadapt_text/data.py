@@ -11,7 +11,6 @@ Every record may also carry ``"answer_contains": ["fact", ...]`` (for fact accur
 
 from __future__ import annotations
 
-import json
 import re
 import string
 from collections.abc import Sequence
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from polyadapt.data import Problem, deterministic_holdout
+from polyadapt.data import read_jsonl as read_records
 from polyadapt.errors import DataError
 from polyadapt.modality import DatasetSplits
 
@@ -155,30 +155,18 @@ def read_jsonl(path: Path, fmt: str = "auto") -> tuple[list[TextSample], list[Pr
     :return: the good samples, a problem per bad line, and the format used (None if none could be decided).
     """
     source = str(path)
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        return [], [Problem(source, f"not UTF-8 text ({exc.reason} at byte {exc.start})")], None
-    decoded: list[tuple[int, Any]] = []
-    problems: list[Problem] = []
-    for number, line in enumerate(raw.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            decoded.append((number, json.loads(line)))
-        except json.JSONDecodeError as exc:
-            problems.append(Problem(source, f"malformed JSON: {exc.msg} (column {exc.colno})", number))
+    decoded, problems = read_records(path, source)
     chosen = None if fmt == "auto" else fmt
     detected_at = None
     if chosen is None:
         for number, record in decoded:
-            if isinstance(record, dict) and (found := detect_format(record)):
+            if found := detect_format(record):
                 chosen, detected_at = found, number
                 break
     samples: list[TextSample] = []
     for number, record in decoded:
         if chosen is None:
-            keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
+            keys = ", ".join(sorted(record))
             problems.append(
                 Problem(
                     source,
@@ -189,7 +177,7 @@ def read_jsonl(path: Path, fmt: str = "auto") -> tuple[list[TextSample], list[Pr
             continue
         sample, reason = parse_record(record, chosen, source, number)
         if sample is None:
-            if detected_at is not None and isinstance(record, dict) and detect_format(record) not in (None, chosen):
+            if detected_at is not None and detect_format(record) not in (None, chosen):
                 reason += (
                     f"; the file's format is {chosen} (detected at line {detected_at}), set text.format to override"
                 )
