@@ -179,3 +179,18 @@ def test_training_callbacks_from_plugins_see_every_step(toy_config, toy, monkeyp
     reset_plugin_manager()
     polyadapt.adapt(toy_config(train={"max_steps": 4, "eval_every": 2}))
     assert seen == [("begin", 0), ("log", 1), ("log", 2), ("eval", True), ("log", 3), ("log", 4), ("end", 4)]
+
+
+def test_modality_sees_the_bundle_being_trained_after_each_periodic_evaluation(toy_config, toy, monkeypatch):
+    calls = []
+
+    def on_evaluate(self, bundle, ctx, step, metrics):
+        lora = [n for n, _ in bundle.model.named_parameters() if "lora_" in n]
+        calls.append((step, sorted(metrics), bool(lora), ctx.run_dir is not None))
+        bundle.model.eval()  # the loop puts the model back in training mode
+
+    monkeypatch.setattr(toy.ToyModality, "on_evaluate", on_evaluate)
+    run_dir = polyadapt.adapt(toy_config(train={"max_steps": 6, "eval_every": 2}))
+    # at steps 2 and 4; the last step's evaluation is the final one, not a periodic one
+    assert calls == [(2, ["eval_loss"], True, True), (4, ["eval_loss"], True, True)]
+    assert read_manifest(run_dir)["status"] == "complete"

@@ -205,6 +205,12 @@ class Modality(ABC):
         """Held-out metrics of the current ``bundle.model`` on raw ``samples``. ``eval_loss`` is the mean loss
         polyadapt measured on the same samples (None if it could not)."""
 
+    def on_evaluate(self, bundle: ModelBundle, ctx: RunContext, step: int, metrics: dict[str, float]) -> None:
+        """Called on the main process after each periodic evaluation during training (``train.eval_every``), with the
+        bundle being trained and the metrics just measured: the place for progress artefacts such as sample images
+        under ``ctx.run_dir``. It must leave the model as it found it (mode and weights). Default: nothing."""
+        return None
+
     def infer_params(self) -> list[click.Parameter]:
         """Options and arguments of ``polyadapt infer RUN_DIR ...`` for this modality."""
         return []

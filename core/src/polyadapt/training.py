@@ -356,6 +356,9 @@ def train_loop(
             if is_main:
                 _append_metrics(metrics_path, record)
                 accelerator.log(record, step=state.step)
+            if is_main:
+                modality.on_evaluate(bundle, ctx, state.step, metrics)
+                model.train()
             call("on_evaluate", state, metrics)
         if cfg.save_every and state.step % cfg.save_every == 0 and state.step < state.total_steps:
             last_checkpoint = checkpoint()

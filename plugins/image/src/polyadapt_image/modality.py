@@ -133,8 +133,6 @@ class ImageModality(Modality):
 
         settings: ImageSettings = ctx.settings
         attach_lora(bundle, ctx.config.peft, self.resolve_target_modules(bundle, ctx), settings.train_text_encoder)
-        # the training callback (ValidationGrids) draws progress grids from the bundle being trained
-        self._training = (bundle, ctx)
         if settings.train_text_encoder:
             from .model import DenoiserWithTextEncoders
 
@@ -144,7 +142,6 @@ class ImageModality(Modality):
         from .model import save_lora
 
         save_lora(bundle, Path(directory))
-        self._training = None
 
     def load_adapter(self, bundle: ModelBundle, directory: Path, ctx: RunContext) -> None:
         from .model import load_lora
@@ -160,6 +157,8 @@ class ImageModality(Modality):
     def prepare(self, bundle: ModelBundle, samples: Sequence[Any], ctx: RunContext, training: bool) -> PreparedSplit:
         from .training import prepare_items
 
+        if not training:  # the held-out captions also give the progress grids their prompts
+            bundle.components["validation_samples"] = list(samples)
         return prepare_items(bundle, samples, ctx.settings, training, ctx.config.train.seed)
 
     def collate(self, bundle: ModelBundle, items: Sequence[Any], training: bool) -> dict[str, Any]:
@@ -181,7 +180,6 @@ class ImageModality(Modality):
         from .model import generate, has_adapter, vae_roundtrip
 
         settings: ImageSettings = ctx.settings
-        self._validation_samples = list(samples)
         prompts, seeds = validation_pairs(settings, samples)
         if not prompts:
             return EvalResult(metrics={})
@@ -212,25 +210,21 @@ class ImageModality(Modality):
             artifacts[f"{tag}_grid"] = path
         return EvalResult(metrics=metrics, examples=examples, artifacts=artifacts)
 
-    def save_progress_grid(self, step: int) -> Path | None:
+    def on_evaluate(self, bundle: ModelBundle, ctx: RunContext, step: int, metrics: dict[str, float]) -> None:
         """Validation images of the bundle being trained, saved as ``validation/step-NNNNNN.png``."""
-        if getattr(self, "_training", None) is None:
-            return None
-        bundle, ctx = self._training
-        if ctx.run_dir is None or not ctx.is_main_process:
-            return None
+        if ctx.run_dir is None:
+            return
         from .metrics import image_grid
         from .model import generate
 
         settings: ImageSettings = ctx.settings
-        prompts, seeds = validation_pairs(settings, getattr(self, "_validation_samples", []))
+        prompts, seeds = validation_pairs(settings, bundle.components.get("validation_samples", []))
         if not prompts:
-            return None
+            return
         images = generate(bundle, prompts, seeds, settings.resolution, settings.num_inference_steps, settings.guidance_scale)
         path = Path(ctx.run_dir) / VALIDATION_DIR / f"step-{step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         image_grid(images, columns=len(settings.validation_seeds), upscale=max(1, 128 // settings.resolution)).save(path)
-        return path
 
     def report_sections(self, before: EvalResult | None, after: EvalResult, run_dir: Path) -> list[tuple[str, str]]:
         from .report import grid_section

@@ -19,12 +19,3 @@ def register_export_formats(register):
 
     register(ExportFormat("kohya", "image", "one LoRA file in the kohya/A1111/ComfyUI key layout (lora_unet_...)", export.export_kohya))
     register(ExportFormat("merged", "image", "the pipeline with the LoRA fused into its weights (diffusers, safetensors)", export.export_merged))
-
-
-@hookimpl
-def training_callbacks(config):
-    if config.modality != "image":
-        return None
-    from .callbacks import ValidationGrids
-
-    return [ValidationGrids()]
