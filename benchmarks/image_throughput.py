@@ -72,7 +72,7 @@ class PeakMemory:
             self.peak = (self.high - self.start) / 2**20
 
 
-def write_config(base: Path, data: Path, out: Path, steps: int, batch: int, cache: bool) -> Path:
+def write_config(base: Path, data: Path, out: Path, steps: int, batch: int, cache: bool, resolution: int) -> Path:
     import yaml
 
     config = {
@@ -80,7 +80,7 @@ def write_config(base: Path, data: Path, out: Path, steps: int, batch: int, cach
         "peft": {"r": 8, "alpha": 8, "dropout": 0.0},
         "train": {"max_steps": steps, "batch_size": batch, "lr": 1e-4, "precision": "auto", "scheduler": "constant",
                   "log_every": 1},
-        "image": {"resolution": 32, "cache_latents": cache, "cache_text_embeddings": cache},
+        "image": {"resolution": resolution, "cache_latents": cache, "cache_text_embeddings": cache},
     }  # fmt: skip
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(config))
@@ -127,7 +127,9 @@ def run_polyadapt(config_path: Path, device: torch.device) -> dict[str, float]:
     }
 
 
-def run_reference(base: Path, data: Path, steps: int, batch: int, device: torch.device) -> dict[str, float]:
+def run_reference(
+    base: Path, data: Path, steps: int, batch: int, device: torch.device, resolution: int
+) -> dict[str, float]:
     """The per-step-encoding loop of diffusers' LoRA text-to-image example, reduced to its training step."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
     from peft import LoraConfig
@@ -139,14 +141,16 @@ def run_reference(base: Path, data: Path, steps: int, batch: int, device: torch.
     for module in (vae, text_encoder, unet):
         module.requires_grad_(False).to(device)
     torch.manual_seed(0)
-    unet.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights=True, target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    unet.add_adapter(
+        LoraConfig(r=8, lora_alpha=8, init_lora_weights=True, target_modules=["to_k", "to_q", "to_v", "to_out.0"])
+    )
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     rows = [json.loads(line) for line in (data / "train" / "metadata.jsonl").read_text().splitlines() if line.strip()]
     rng = random.Random(0)
 
     def transform(path: Path) -> torch.Tensor:
-        image = Image.open(path).convert("RGB").resize((32, 32), Image.Resampling.BILINEAR)
+        image = Image.open(path).convert("RGB").resize((resolution, resolution), Image.Resampling.BILINEAR)
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
         return torch.from_numpy(array).permute(2, 0, 1)
 
@@ -182,6 +186,109 @@ def run_reference(base: Path, data: Path, steps: int, batch: int, device: torch.
     }
 
 
+def encoding_share(base: Path, batch: int, resolution: int, device: torch.device) -> dict[str, float]:
+    """What caching can save at most: per-step times of the parts of an uncached step, on this device.
+
+    VAE encode and text encode (what caching removes) against the UNet's forward and backward pass with the LoRA
+    (what every step keeps). Also the same split in FLOPs, for this pipeline and for Stable Diffusion 1.5 at 512 px
+    (its configs built on the meta device: no weights), so the tiny pipeline's proportions can be compared with a
+    real one's.
+    """
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(base), use_safetensors=True)
+    pipe.to(device)
+    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
+        module.requires_grad_(False)
+    pipe.unet.add_adapter(LoraConfig(r=8, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    parts = _step_parts(
+        pipe.vae, pipe.text_encoder, pipe.unet, batch, resolution, pipe.tokenizer.model_max_length, device
+    )
+
+    def timed(fn, repeats: int = 5) -> float:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / repeats
+
+    seconds = {name: timed(fn) for name, fn in parts.items()}
+    flops = _flops(parts)
+    sd15 = _sd15_flops()
+    return {
+        **{f"{name}_ms": 1000 * value for name, value in seconds.items()},
+        "time_bound": sum(seconds.values()) / seconds["unet_train"],
+        "flop_bound": sum(flops.values()) / flops["unet_train"],
+        "sd15_flop_bound": sum(sd15.values()) / sd15["unet_train"],
+        "flops": flops,
+        "sd15_flops": sd15,
+    }
+
+
+def _step_parts(vae, text_encoder, unet, batch: int, resolution: int, tokens: int, device) -> dict:
+    pixels = torch.randn(batch, 3, resolution, resolution, device=device)
+    ids = torch.zeros(batch, tokens, dtype=torch.long, device=device)
+    with torch.no_grad():
+        latents = vae.encode(pixels).latent_dist.mean if device.type != "meta" else None
+    if latents is None:
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        latents = torch.randn(
+            batch, vae.config.latent_channels, resolution // factor, resolution // factor, device=device
+        )
+    hidden = torch.randn(batch, tokens, text_encoder.config.hidden_size, device=device)
+    timesteps = torch.full((batch,), 500, dtype=torch.long, device=device)
+
+    def vae_encode():
+        with torch.no_grad():
+            return vae.encode(pixels).latent_dist.sample()
+
+    def text_encode():
+        with torch.no_grad():
+            return text_encoder(ids)[0]
+
+    def unet_train():
+        unet(latents, timesteps, hidden).sample.pow(2).mean().backward()
+
+    return {"vae_encode": vae_encode, "text_encode": text_encode, "unet_train": unet_train}
+
+
+def _flops(parts: dict) -> dict[str, float]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counted = {}
+    for name, fn in parts.items():
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        counted[name] = float(counter.get_total_flops())
+    return counted
+
+
+def _sd15_flops() -> dict[str, float]:
+    """FLOPs of the same three parts for Stable Diffusion 1.5's architecture at 512x512, batch 1, 77 tokens."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from peft import LoraConfig
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(cross_attention_dim=768, sample_size=64)
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
+        )  # fmt: skip
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+        )
+    for module in (vae, text_encoder, unet):
+        module.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=8, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    return _flops(_step_parts(vae, text_encoder, unet, 1, 512, 77, torch.device("meta")))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -189,6 +296,7 @@ def main() -> None:
     parser.add_argument("--base", type=Path, default=ROOT / "sample_data" / "image" / "base")
     parser.add_argument("--data", type=Path, default=ROOT / "sample_data" / "image")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--resolution", type=int, default=32, help="training resolution (the demo base's)")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each variant, interleaved; the best counts")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-image")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -202,17 +310,18 @@ def main() -> None:
         from polyadapt_image.tiny import tiny_pipeline
 
         base = args.work / "tiny-base"
-        tiny_pipeline(seed=0, resolution=32).save_pretrained(base, safe_serialization=True)
+        tiny_pipeline(seed=0, resolution=args.resolution).save_pretrained(base, safe_serialization=True)
     args.work.mkdir(parents=True, exist_ok=True)
 
     variants = {
         "polyadapt cached": lambda: run_polyadapt(
-            write_config(base, args.data, args.work / "cached", args.steps, args.batch, True), device
+            write_config(base, args.data, args.work / "cached", args.steps, args.batch, True, args.resolution), device
         ),
         "polyadapt uncached": lambda: run_polyadapt(
-            write_config(base, args.data, args.work / "uncached", args.steps, args.batch, False), device
+            write_config(base, args.data, args.work / "uncached", args.steps, args.batch, False, args.resolution),
+            device,
         ),
-        "reference": lambda: run_reference(base, args.data, args.steps, args.batch, device),
+        "reference": lambda: run_reference(base, args.data, args.steps, args.batch, device, args.resolution),
     }
     # rounds of all three, best of each: on a shared machine the load changes while a variant runs
     results: dict[str, dict[str, float]] = {}
@@ -225,7 +334,9 @@ def main() -> None:
     print(f"device {device}, {args.steps} steps of batch {args.batch}, best of {args.rounds} rounds, base {base}")
     print(f"{'variant':<20} {'steps/s':>9} {'prepare s':>10} {'total s':>9} {'peak MiB':>9}")
     for name, r in results.items():
-        print(f"{name:<20} {r['steps_per_second']:>9.2f} {r['prepare_seconds']:>10.2f} {r['total_seconds']:>9.2f} {r['peak_mib']:>9.1f}")
+        print(
+            f"{name:<20} {r['steps_per_second']:>9.2f} {r['prepare_seconds']:>10.2f} {r['total_seconds']:>9.2f} {r['peak_mib']:>9.1f}"
+        )
     reference = results["reference"]
     for name in ("polyadapt cached", "polyadapt uncached"):
         r = results[name]
@@ -233,9 +344,21 @@ def main() -> None:
             f"{name} vs reference: steps/s x{r['steps_per_second'] / reference['steps_per_second']:.2f}, "
             f"total time x{reference['total_seconds'] / r['total_seconds']:.2f} faster"
         )
+    share = encoding_share(base, args.batch, args.resolution, device)
+    print(
+        f"parts of an uncached step (batch {args.batch}): VAE encode {share['vae_encode_ms']:.1f} ms, text encode "
+        f"{share['text_encode_ms']:.1f} ms, UNet forward+backward {share['unet_train_ms']:.1f} ms: caching can give at "
+        f"most x{share['time_bound']:.2f} on this device"
+    )
+    print(
+        f"by FLOPs: caching can give at most x{share['flop_bound']:.2f} for this pipeline, "
+        f"x{share['sd15_flop_bound']:.2f} for Stable Diffusion 1.5 at 512 px"
+    )
     if args.json:
         summary = {
-            "cached_steps_per_second_ratio": results["polyadapt cached"]["steps_per_second"] / reference["steps_per_second"],
+            "encoding_share": share,
+            "cached_steps_per_second_ratio": results["polyadapt cached"]["steps_per_second"]
+            / reference["steps_per_second"],
             "uncached_steps_per_second_ratio": results["polyadapt uncached"]["steps_per_second"]
             / reference["steps_per_second"],
             "cached_total_time_ratio": reference["total_seconds"] / results["polyadapt cached"]["total_seconds"],
