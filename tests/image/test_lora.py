@@ -157,3 +157,34 @@ def test_infer_writes_pngs_scales_and_combines_adapters(run_dir, tmp_path):
     # the same LoRA twice at half weight each is the LoRA at full weight
     combined = infer("--scale", "0.5", "--adapter", f"{run_dir}:0.5")
     np.testing.assert_allclose(combined[0], full[0], atol=2.0)
+
+
+def test_a_prompt_beyond_the_text_window_is_named_once_not_at_every_image(run_dir, tmp_path, caplog):
+    from polyadapt.cli import cli
+
+    long_prompt = " ".join(["a red circle on a blue background"] * 4)  # well over the tiny tokenizer's 16 tokens
+    args = ["infer", str(run_dir), "--prompt", long_prompt, "--n", "2", "--out", str(tmp_path / "o"), "--steps", "2"]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("longer than the text encoder's 16 tokens") == 1
+    assert "truncated because CLIP" not in result.output + caplog.text
+    result = CliRunner().invoke(cli, [*args[:4], PROMPT, *args[5:]], catch_exceptions=False)
+    assert "longer than the text encoder" not in result.output
+
+
+def test_captions_beyond_the_text_window_are_counted(make_config, tmp_path):
+    import dataclasses
+
+    from polyadapt_image.modality import ImageModality
+
+    from .conftest import context_for
+
+    config = make_config()
+    ctx = context_for(config)
+    modality = ImageModality()
+    splits = modality.load_data(ctx.config, ctx.config.data.path)
+    bundle = modality.load_base(ctx)
+    samples = list(splits.train)
+    assert modality.prepare(bundle, samples, ctx, training=True).stats["captions_truncated"] == 0
+    samples[0] = dataclasses.replace(samples[0], caption=" ".join(["red circle"] * 20))
+    assert modality.prepare(bundle, samples, ctx, training=True).stats["captions_truncated"] == 1

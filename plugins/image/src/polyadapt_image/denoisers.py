@@ -38,6 +38,12 @@ class Denoiser:
             out["input_ids" if i == 0 else f"input_ids_{i + 1}"] = ids
         return out
 
+    def truncated(self, prompts: list[str]) -> int:
+        """How many ``prompts`` are longer than the text encoder's window (the first tokenizer's), so lose their end."""
+        tokenizer = getattr(self.pipeline, self.tokenizers[0])
+        lengths = [len(ids) for ids in tokenizer(prompts, truncation=False).input_ids]
+        return sum(length > tokenizer.model_max_length for length in lengths)
+
     def encode_tokens(self, tokens: dict[str, torch.Tensor], encoders: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
         """Conditioning tensors (``encoder_hidden_states`` and friends) from :meth:`tokenize`'s ids."""
         (encoder,) = encoders

@@ -75,6 +75,9 @@ def infer(bundle: ModelBundle, ctx: RunContext, options: dict[str, Any]) -> list
     out = Path(options["out"])
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"adapters: {', '.join(active)}"]
+    if bundle.components["denoiser"].truncated([options["prompt"]]):
+        window = bundle.processor.model_max_length
+        lines.append(f"warning: the prompt is longer than the text encoder's {window} tokens; its end was ignored")
     for i, image in enumerate(images):
         path = out / f"{seed + i:04d}.png"
         image.save(path)

@@ -232,6 +232,7 @@ def generate(
 ) -> list[Image.Image]:
     """One image per (prompt, seed) pair, in that order, with the bundle's current denoiser (LoRA included)."""
     import torch
+    from diffusers.utils import logging as diffusers_logging
 
     pipe = bundle.components["pipeline"]
     unet = unet_of(bundle)
@@ -240,6 +241,10 @@ def generate(
     bundle.model.eval()
     images = []
     extra = {"cross_attention_kwargs": {"scale": lora_scale}} if lora_scale is not None else {}
+    # diffusers warns at every call about a prompt longer than the text encoder's window; polyadapt counts such
+    # captions once (prepared stats ``captions_truncated``) and says so in ``infer``
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
     try:
         with torch.no_grad():
             for prompt, seed in zip(prompts, seeds, strict=True):
@@ -255,6 +260,7 @@ def generate(
                 )
                 images.append(out.images[0])
     finally:
+        diffusers_logging.set_verbosity(verbosity)
         if was_training:
             bundle.model.train()
     return images

@@ -90,6 +90,8 @@ def prepare_items(
         "resolution": settings.resolution,
         "cached_latents": settings.cache_latents,
         "cached_text_embeddings": settings.caches_text,
+        # captions longer than the text encoder's window lose their end, in training and in generation alike
+        "captions_truncated": strategy.truncated([item["caption"] for item in items]) if items else 0,
     }
     if not items:
         return PreparedSplit(items=items, stats=stats)
