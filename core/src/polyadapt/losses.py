@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -34,7 +35,8 @@ def chunk_rows(vocab_size: int, device_type: str, rows: int) -> int:
     return max(1, min(rows, budget // max(1, vocab_size)))
 
 
-def _linear_cross_entropy_function():
+@lru_cache(maxsize=1)
+def _linear_cross_entropy_function() -> type:
     import torch
 
     class LinearCrossEntropy(torch.autograd.Function):
@@ -84,9 +86,6 @@ def _linear_cross_entropy_function():
     return LinearCrossEntropy
 
 
-_FUNCTION = None
-
-
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -105,11 +104,8 @@ def linear_cross_entropy(
     """
     import torch
 
-    global _FUNCTION
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    if _FUNCTION is None:
-        _FUNCTION = _linear_cross_entropy_function()
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1)
     keep = targets != ignore_index
@@ -130,7 +126,7 @@ def linear_cross_entropy(
     grad = torch.is_grad_enabled()
     needs = [grad and t is not None and t.requires_grad for t in (hidden_c, weight_c, bias_c)]
     with torch.autocast(hidden.device.type, enabled=False):
-        total = _FUNCTION.apply(hidden_c, weight_c, bias_c, targets, rows, *needs)
+        total = _linear_cross_entropy_function().apply(hidden_c, weight_c, bias_c, targets, rows, *needs)
     return total / count if reduction == "mean" else total
 
 
