@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from polyadapt.manifest import read_manifest
+from tests.launch import accelerate_launch
 
 
 def test_two_process_run_completes_and_its_adapter_loads(toy_config, tmp_path, toy):
-    accelerate = Path(sys.executable).with_name("accelerate")
-    if not accelerate.exists():
-        accelerate = Path(shutil.which("accelerate") or "accelerate")
     config = toy_config(train={"max_steps": 6, "save_every": 3, "eval_every": 3})
-    command = [
-        str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "polyadapt", "adapt", str(config),
-    ]  # fmt: skip
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    result = accelerate_launch(["adapt", str(config)])
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "run"
     manifest = read_manifest(run_dir)

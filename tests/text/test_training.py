@@ -57,3 +57,27 @@ def test_generation_metrics_and_report_examples(tmp_path, tiny_llama, chat_data)
     report = (run / "report.html").read_text()
     assert "Sample answers: base vs adapted" in report
     assert "What APY does TideSaver pay?" in report
+
+
+def test_two_process_run_with_packing_and_the_fused_loss(tmp_path, tiny_llama, chat_data):
+    """Under DDP the model still runs through its wrapper up to the bypassed head, and the run trains."""
+    import yaml
+
+    from polyadapt.manifest import read_manifest
+    from tests.launch import accelerate_launch
+
+    raw = {
+        "modality": "text", "base": str(tiny_llama), "data": {"path": str(chat_data)}, "output": str(tmp_path / "run"),
+        "peft": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {"max_steps": 6, "lr": 0.02, "batch_size": 2, "precision": "fp32", "seed": 0},
+        "text": {"max_length": 128, "packing": True, "generate_eval": False},
+    }  # fmt: skip
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    result = accelerate_launch(["adapt", str(path)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = read_manifest(tmp_path / "run")
+    assert manifest["status"] == "complete"
+    assert manifest["data"]["prepared"]["train"]["fused_loss"] is True
+    assert manifest["training"]["samples_seen"] == 6 * 2 * 2  # two processes of batch 2
+    assert manifest["metrics"]["after"]["eval_loss"] < manifest["metrics"]["before"]["eval_loss"]
