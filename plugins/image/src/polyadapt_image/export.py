@@ -23,7 +23,11 @@ KOHYA_PREFIXES = {
 
 
 #: LoRA weight suffixes of diffusers files (both the saved ``lora.down`` and peft's ``lora_A`` spellings) -> kohya
-SUFFIXES = ((".lora.down.weight", "down"), (".lora.up.weight", "up"), (".lora_A.weight", "down"), (".lora_B.weight", "up"))
+SUFFIXES = (
+    (".lora.down.weight", "down"), (".lora.up.weight", "up"),
+    (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
+    (".lora_A.weight", "down"), (".lora_B.weight", "up"),
+)  # fmt: skip
 
 
 def read_lora(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -65,7 +69,10 @@ def to_kohya(tensors: dict[str, torch.Tensor], configs: dict[str, Any], pipeline
         if found is None:
             raise ExportError(f"kohya export: unexpected LoRA key {key!r}")
         module, kind = found
-        name = f"{prefixes[component]}_{module.replace('.', '_')}"
+        # kohya names text-encoder modules from CLIPTextModel's root (``text_model.encoder...``), which recent
+        # transformers versions flatten away
+        path = f"text_model.{module}" if component != "unet" and not module.startswith("text_model.") else module
+        name = f"{prefixes[component]}_{path.replace('.', '_')}"
         out[f"{name}.lora_{kind}.weight"] = value.contiguous()
         if kind == "down":
             config = configs.get(component, {})

@@ -8,6 +8,7 @@ strategy (:mod:`polyadapt_image.denoisers`).
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -137,25 +138,10 @@ def attach_lora(bundle: ModelBundle, section: PeftSection, targets: list[str], t
     if train_text_encoder:
         from peft import inject_adapter_in_model
 
-        text_encoder_lora_loadable()
         for encoder in bundle.components["text_encoders"]:
             inject_adapter_in_model(lora_config(section, DEFAULT_TEXT_TARGETS), encoder, adapter_name=ADAPTER_NAME)
             for name, param in encoder.named_parameters():
                 param.requires_grad_("lora_" in name)
-
-
-def text_encoder_lora_loadable() -> None:
-    """Refuse text-encoder LoRA up front when diffusers could not load it back (transformers' peft integration
-    has a minimum peft version), rather than after training."""
-    try:
-        from transformers.integrations import peft as integration
-        from transformers.utils.peft_utils import check_peft_version
-
-        minimum = getattr(integration, "MIN_PEFT_VERSION", None)
-        if minimum is not None:
-            check_peft_version(min_version=minimum)
-    except ValueError as exc:
-        raise ConfigError(f"image.train_text_encoder: diffusers cannot load text-encoder LoRA here: {exc}") from None
 
 
 class DenoiserWithTextEncoders(torch.nn.Module):
@@ -210,15 +196,96 @@ def save_lora(bundle: ModelBundle, directory: Path) -> list[Path]:
 
 
 def load_lora(bundle: ModelBundle, directory: Path, adapter_name: str = ADAPTER_NAME) -> None:
-    """Load a LoRA saved by :func:`save_lora` (or any diffusers/kohya LoRA file) into the bundle's pipeline."""
+    """Load a LoRA saved by :func:`save_lora` (or any diffusers/kohya LoRA file) into the bundle's pipeline.
+
+    Diffusers loads text-encoder LoRA through transformers' PEFT integration, which has a minimum peft version; where
+    the installed peft is older, the text-encoder part is injected with peft directly (the same layers and weights).
+    """
     directory = Path(directory)
     weights = directory / "pytorch_lora_weights.safetensors"
     if not weights.is_file():
         raise ConfigError(f"{directory} holds no pytorch_lora_weights.safetensors")
     pipe = bundle.components["pipeline"]
-    pipe.load_lora_weights(str(directory), weight_name=weights.name, adapter_name=adapter_name)
+    encoders = bundle.components["denoiser"].text_encoders
+    if transformers_peft_usable() or not _has_text_encoder_keys(weights, encoders):
+        pipe.load_lora_weights(str(directory), weight_name=weights.name, adapter_name=adapter_name)
+    else:
+        from diffusers.utils import logging as diffusers_logging
+        from safetensors.torch import load_file
+
+        state = load_file(str(weights))
+        denoiser_state = {k: v for k, v in state.items() if k.split(".", 1)[0] not in encoders}
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # it would warn that the text encoders got no keys: they come next
+        try:
+            pipe.load_lora_weights(denoiser_state, adapter_name=adapter_name)
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
+        metadata = _lora_metadata(weights)
+        for name, encoder in zip(encoders, bundle.components["text_encoders"], strict=True):
+            _load_text_encoder_lora(encoder, state, metadata, name, adapter_name)
     # the pipeline owns the module bundle.model points at, so the adapter is already attached to bundle.model
     bundle.model = pipe.unet
+
+
+@lru_cache(maxsize=1)
+def transformers_peft_usable() -> bool:
+    """Whether transformers' PEFT integration accepts the installed peft (diffusers needs it for text encoders)."""
+    from transformers.utils.peft_utils import check_peft_version
+
+    try:
+        from transformers.integrations.peft import MIN_PEFT_VERSION
+    except ImportError:
+        return True
+    try:
+        check_peft_version(min_version=MIN_PEFT_VERSION)
+    except ValueError:
+        return False
+    return True
+
+
+def _has_text_encoder_keys(weights: Path, encoders: tuple[str, ...]) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as handle:
+        return any(key.split(".", 1)[0] in encoders for key in handle.keys())  # noqa: SIM118 (not a dict)
+
+
+def _lora_metadata(weights: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as handle:
+        raw = (handle.metadata() or {}).get("lora_adapter_metadata")
+    return json.loads(raw) if raw else {}
+
+
+def _load_text_encoder_lora(
+    encoder: torch.nn.Module, state: dict[str, torch.Tensor], metadata: dict[str, Any], name: str, adapter_name: str
+) -> None:
+    """Inject the ``name.``-prefixed LoRA of ``state`` into ``encoder`` with peft (what diffusers does through
+    transformers), with the LoRA config saved in the file's metadata."""
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    prefix = f"{name}."
+    own = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    if not own:
+        return
+    own = convert_state_dict_to_peft(convert_state_dict_to_diffusers(own))
+    if not hasattr(encoder, "text_model"):
+        own = {k.removeprefix("text_model."): v for k, v in own.items()}
+    saved = {k.removeprefix(prefix): v for k, v in metadata.items() if k.startswith(prefix)}
+    if not saved:
+        raise ConfigError(f"the LoRA file has {name} weights but no LoRA config for them in its metadata")
+    fields = set(LoraConfig.__dataclass_fields__)
+    config = LoraConfig(**{k: v for k, v in saved.items() if k in fields})
+    was_training = encoder.training
+    inject_adapter_in_model(config, encoder, adapter_name=adapter_name)
+    encoder.train(was_training)  # new LoRA layers (their dropout) start in training mode
+    result = set_peft_model_state_dict(encoder, own, adapter_name=adapter_name)
+    unexpected = getattr(result, "unexpected_keys", None) or []
+    if unexpected:
+        raise ConfigError(f"the LoRA file's {name} weights do not fit the text encoder: {unexpected[:3]}")
 
 
 def generate(
