@@ -277,9 +277,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="CPU threads per run")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument(
+        "--precision", choices=["auto", "fp32", "bf16"], default="auto",
+        help="both sides; auto: bf16 on a GPU that supports it, else fp32 (bf16 on a CPU uses autocast, fast with AMX)",
+    )  # fmt: skip
     options = parser.parse_args()
     device = options.device if options.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    precision = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    precision = options.precision
+    if precision == "auto":
+        precision = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     args = {
         "steps": options.steps, "warmup": options.warmup, "batch_size": options.batch_size,
         "max_length": options.max_length, "threads": options.threads, "device": device, "precision": precision,
