@@ -139,7 +139,7 @@ def test_sdxl_uses_both_encoders_and_time_ids(make_config, tiny_base_xl):
 def test_text_encoder_lora_trains_and_reloads_with_the_same_outputs(make_config, tmp_path):
     from polyadapt_image.model import transformers_peft_usable
 
-    config = make_config(image={"train_text_encoder": True})
+    config = make_config(image={"train_text_encoder": True}, peft={"r": 4, "alpha": 16})
     modality, ctx, splits, bundle = setup(config, adapter=True)
     prepared = modality.prepare(bundle, splits.train, ctx, training=True)
     assert "tokens" in prepared.items[0], "text embeddings are not cached when the text encoder trains"
@@ -164,6 +164,10 @@ def test_text_encoder_lora_trains_and_reloads_with_the_same_outputs(make_config,
     fresh = modality.load_base(ctx)
     base_out = encoded(fresh)
     modality.load_adapter(fresh, tmp_path / "lora", ctx)
+    # denoiser and text encoder come back with the trained scale alpha / r = 16 / 4
+    scales = {v for m in fresh.model.modules() for v in (getattr(m, "scaling", None) or {}).values()}
+    scales |= {v for m in fresh.components["text_encoders"][0].modules() for v in (getattr(m, "scaling", None) or {}).values()}
+    assert scales == {4.0}
     assert (trained_out - base_out).abs().max() > 1e-3
     torch.testing.assert_close(encoded(fresh), trained_out, rtol=0, atol=1e-6)
     # the kohya layout names the text-encoder modules as A1111 does; diffusers' kohya reader maps them back

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,15 +31,12 @@ SUFFIXES = (
 
 def read_lora(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The run's diffusers LoRA tensors and its per-component peft config (from the safetensors metadata)."""
-    from safetensors import safe_open
+    from .model import read_lora_file
 
     path = Path(run_dir) / LORA_FILE
     if not path.is_file():
         raise ExportError(f"{run_dir} holds no {LORA_FILE}")
-    with safe_open(str(path), framework="pt") as handle:
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is not a dict)
-        raw = (handle.metadata() or {}).get("lora_adapter_metadata")
-    flat = json.loads(raw) if raw else {}
+    tensors, flat = read_lora_file(path)
     configs: dict[str, dict[str, Any]] = {}
     for key, value in flat.items():
         component, _, field = key.partition(".")

@@ -206,24 +206,17 @@ def load_lora(bundle: ModelBundle, directory: Path, adapter_name: str = ADAPTER_
     if not weights.is_file():
         raise ConfigError(f"{directory} holds no pytorch_lora_weights.safetensors")
     pipe = bundle.components["pipeline"]
-    encoders = bundle.components["denoiser"].text_encoders
-    if transformers_peft_usable() or not _has_text_encoder_keys(weights, encoders):
+    if transformers_peft_usable():
         pipe.load_lora_weights(str(directory), weight_name=weights.name, adapter_name=adapter_name)
     else:
-        from diffusers.utils import logging as diffusers_logging
-        from safetensors.torch import load_file
-
-        state = load_file(str(weights))
-        denoiser_state = {k: v for k, v in state.items() if k.split(".", 1)[0] not in encoders}
-        verbosity = diffusers_logging.get_verbosity()
-        diffusers_logging.set_verbosity_error()  # it would warn that the text encoders got no keys: they come next
-        try:
-            pipe.load_lora_weights(denoiser_state, adapter_name=adapter_name)
-        finally:
-            diffusers_logging.set_verbosity(verbosity)
-        metadata = _lora_metadata(weights)
+        tensors, metadata = read_lora_file(weights)
+        type(pipe).load_lora_into_unet(
+            tensors, network_alphas=None, unet=pipe.unet, adapter_name=adapter_name, metadata=metadata or None,
+            _pipeline=pipe,
+        )  # fmt: skip
+        encoders = bundle.components["denoiser"].text_encoders
         for name, encoder in zip(encoders, bundle.components["text_encoders"], strict=True):
-            _load_text_encoder_lora(encoder, state, metadata, name, adapter_name)
+            _load_text_encoder_lora(encoder, tensors, metadata, name, adapter_name)
     # the pipeline owns the module bundle.model points at, so the adapter is already attached to bundle.model
     bundle.model = pipe.unet
 
@@ -244,19 +237,14 @@ def transformers_peft_usable() -> bool:
     return True
 
 
-def _has_text_encoder_keys(weights: Path, encoders: tuple[str, ...]) -> bool:
+def read_lora_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors of a diffusers LoRA file and its flat LoRA metadata (``"unet.r"``, ``"text_encoder.lora_alpha"``...)."""
     from safetensors import safe_open
 
-    with safe_open(str(weights), framework="pt") as handle:
-        return any(key.split(".", 1)[0] in encoders for key in handle.keys())  # noqa: SIM118 (not a dict)
-
-
-def _lora_metadata(weights: Path) -> dict[str, Any]:
-    from safetensors import safe_open
-
-    with safe_open(str(weights), framework="pt") as handle:
+    with safe_open(str(path), framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is not a dict)
         raw = (handle.metadata() or {}).get("lora_adapter_metadata")
-    return json.loads(raw) if raw else {}
+    return tensors, json.loads(raw) if raw else {}
 
 
 def _load_text_encoder_lora(
