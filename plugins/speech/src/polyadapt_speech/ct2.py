@@ -192,6 +192,18 @@ def whisper_state_dict(weights: dict[str, np.ndarray]) -> tuple[dict[str, np.nda
                     raise ConfigError(f"CTranslate2 model: {source}/bias is missing")
                 state[f"{target}.bias"] = bias[i * rows : (i + 1) * rows]
 
+    def self_attention_and_ffn(src: str, dst: str) -> None:
+        """The parts encoder and decoder layers share: self-attention (fused q/k/v) and the feed-forward block."""
+        attn = f"{dst}.self_attn"
+        split(
+            [f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"], f"{src}/self_attention/linear_0", [True, False, True]
+        )
+        linear(f"{attn}.out_proj", f"{src}/self_attention/linear_1")
+        norm(f"{dst}.self_attn_layer_norm", f"{src}/self_attention/layer_norm")
+        linear(f"{dst}.fc1", f"{src}/ffn/linear_0")
+        linear(f"{dst}.fc2", f"{src}/ffn/linear_1")
+        norm(f"{dst}.final_layer_norm", f"{src}/ffn/layer_norm")
+
     enc_layers = _layer_count(weights, "encoder")
     dec_layers = _layer_count(weights, "decoder")
     if not enc_layers or not dec_layers:
@@ -205,38 +217,19 @@ def whisper_state_dict(weights: dict[str, np.ndarray]) -> tuple[dict[str, np.nda
     norm("model.encoder.layer_norm", "encoder/layer_norm")
     for i in range(enc_layers):
         src, dst = f"encoder/layer_{i}", f"model.encoder.layers.{i}"
-        attn = f"{dst}.self_attn"
-        split(
-            [f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"],
-            f"{src}/self_attention/linear_0",
-            [True, False, True],
-        )
-        linear(f"{attn}.out_proj", f"{src}/self_attention/linear_1")
-        norm(f"{dst}.self_attn_layer_norm", f"{src}/self_attention/layer_norm")
-        linear(f"{dst}.fc1", f"{src}/ffn/linear_0")
-        linear(f"{dst}.fc2", f"{src}/ffn/linear_1")
-        norm(f"{dst}.final_layer_norm", f"{src}/ffn/layer_norm")
+        self_attention_and_ffn(src, dst)
 
     put("model.decoder.embed_tokens.weight", "decoder/embeddings/weight")
     put("model.decoder.embed_positions.weight", "decoder/position_encodings/encodings")
     norm("model.decoder.layer_norm", "decoder/layer_norm")
     for i in range(dec_layers):
         src, dst = f"decoder/layer_{i}", f"model.decoder.layers.{i}"
-        attn, cross = f"{dst}.self_attn", f"{dst}.encoder_attn"
-        split(
-            [f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"],
-            f"{src}/self_attention/linear_0",
-            [True, False, True],
-        )
-        linear(f"{attn}.out_proj", f"{src}/self_attention/linear_1")
-        norm(f"{dst}.self_attn_layer_norm", f"{src}/self_attention/layer_norm")
+        self_attention_and_ffn(src, dst)
+        cross = f"{dst}.encoder_attn"
         linear(f"{cross}.q_proj", f"{src}/attention/linear_0")
         split([f"{cross}.k_proj", f"{cross}.v_proj"], f"{src}/attention/linear_1", [False, True])
         linear(f"{cross}.out_proj", f"{src}/attention/linear_2")
         norm(f"{dst}.encoder_attn_layer_norm", f"{src}/attention/layer_norm")
-        linear(f"{dst}.fc1", f"{src}/ffn/linear_0")
-        linear(f"{dst}.fc2", f"{src}/ffn/linear_1")
-        norm(f"{dst}.final_layer_norm", f"{src}/ffn/layer_norm")
     projection = "decoder/projection/weight"
     state["proj_out.weight"] = weights[projection] if projection in weights else weights["decoder/embeddings/weight"]
 

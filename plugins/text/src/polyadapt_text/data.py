@@ -83,10 +83,8 @@ def _nonempty_string(value: Any) -> bool:
     return isinstance(value, str) and bool(value.strip())
 
 
-def parse_record(record: Any, fmt: str, source: str, line: int) -> tuple[TextSample | None, str | None]:
-    """Validate one decoded JSON value against ``fmt``: the sample, or the reason it is bad."""
-    if not isinstance(record, dict):
-        return None, f"expected a JSON object, got {type(record).__name__}"
+def parse_record(record: dict[str, Any], fmt: str, source: str, line: int) -> tuple[TextSample | None, str | None]:
+    """Validate one JSON object against ``fmt``: the sample, or the reason it is bad."""
     allowed = REQUIRED_KEYS[fmt] + OPTIONAL_KEYS
     missing = [k for k in REQUIRED_KEYS[fmt] if k not in record]
     if missing:
