@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 PACKAGES := -e core -e plugins/text -e plugins/speech -e plugins/image
 STAMP := $(VENV)/.polyadapt-installed
 
-.PHONY: install test test-all lint demo bench clean
+.PHONY: install test test-slow test-all lint demo bench clean
 
 $(STAMP): core/pyproject.toml plugins/text/pyproject.toml plugins/speech/pyproject.toml plugins/image/pyproject.toml constraints.txt requirements-dev.txt requirements-models.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q
+
+# the real-model checks behind the README's demo figures (CI runs them after `make test`)
+test-slow: $(STAMP)
+	$(VENV)/bin/pytest -q -m slow
 
 test-all: $(STAMP)
 	$(VENV)/bin/pytest -q -m "slow or not slow"

@@ -93,7 +93,7 @@ def run_polyadapt(config_path: Path, device: torch.device) -> dict[str, float]:
 
     from polyadapt.config import load_config
     from polyadapt.lifecycle import compute_dtype, make_accelerator, resolve_base
-    from polyadapt.modality import RunContext
+    from polyadapt.modality import DataContext, RunContext
     from polyadapt.plugins import get_plugin_manager
     from polyadapt.training import train_loop
 
@@ -102,21 +102,23 @@ def run_polyadapt(config_path: Path, device: torch.device) -> dict[str, float]:
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     modality = get_plugin_manager().get_modality("image")
-    splits = modality.load_data(config, Path(config.data.path))
+    base = resolve_base(config.base)
+    splits = modality.load_data(DataContext(config=config, path=Path(config.data.path), base=base))
     accelerator = make_accelerator(config, run_dir)
-    ctx = RunContext(config=config, base=resolve_base(config.base), device=accelerator.device,
+    ctx = RunContext(config=config, base=base, device=accelerator.device,
                      dtype=compute_dtype(accelerator.mixed_precision), run_dir=run_dir)  # fmt: skip
-    bundle = modality.load_base(ctx)
-    bundle.model.to(accelerator.device)
+    run = modality.open(ctx)
+    run.load_base()
+    run.model.to(accelerator.device)
     torch.manual_seed(0)
-    modality.add_adapter(bundle, ctx)
-    bundle.model.to(accelerator.device)
+    run.add_adapter()
+    run.model.to(accelerator.device)
     with PeakMemory(device) as memory:
         started = time.perf_counter()
-        prepared = modality.prepare(bundle, splits.train, ctx, True)
+        prepared = run.prepare(splits.train, True)
         prepare_seconds = time.perf_counter() - started
-        result = train_loop(accelerator=accelerator, modality=modality, bundle=bundle, ctx=ctx, train_split=prepared,
-                            eval_split=None, run_dir=run_dir, show_progress=False)  # fmt: skip
+        result = train_loop(accelerator=accelerator, run=run, train_split=prepared, eval_split=None, run_dir=run_dir,
+                            show_progress=False)  # fmt: skip
     timed = [r for r in result.history if "elapsed" in r]
     measured = timed[-1]["elapsed"] - timed[WARMUP - 1]["elapsed"]
     return {

@@ -82,12 +82,12 @@ def speech_config(args: dict, output: str):
 
 
 def run_polyadapt(args: dict) -> dict:
-    """polyadapt's real loop (``polyadapt.training.train_loop``) with the speech modality's prepare/collate/loss."""
+    """polyadapt's real loop (``polyadapt.training.train_loop``) with the speech run's prepare/collate/loss."""
     import torch
 
     from polyadapt.config import ResolvedBase
     from polyadapt.lifecycle import compute_dtype, make_accelerator
-    from polyadapt.modality import ModelBundle, RunContext
+    from polyadapt.modality import DataContext, RunContext
     from polyadapt.plugins import get_plugin_manager
     from polyadapt.training import train_loop
 
@@ -96,19 +96,23 @@ def run_polyadapt(args: dict) -> dict:
     processor = load_processor()
     modality = get_plugin_manager().get_modality("speech")
     with tempfile.TemporaryDirectory() as tmp:
+        # the model built from a config is saved as a base directory, so the run loads it as any base
+        base_dir = Path(tmp) / "base"
+        build_model(processor, "cpu")[0].save_pretrained(str(base_dir), safe_serialization=True)
+        processor.save_pretrained(str(base_dir))
+        base = ResolvedBase(reference=str(base_dir), path=base_dir)
         config = speech_config(args, tmp)
         accelerator = make_accelerator(config, Path(tmp))
         ctx = RunContext(
-            config=config, base=ResolvedBase(reference=config.base, hub_id=config.base), device=accelerator.device,
-            dtype=compute_dtype(accelerator.mixed_precision), run_dir=Path(tmp),
+            config=config, base=base, device=accelerator.device, dtype=compute_dtype(accelerator.mixed_precision),
+            run_dir=Path(tmp),
         )  # fmt: skip
-        model, tokens = build_model(processor, device)
-        bundle = ModelBundle(
-            model=model, processor=processor, components={"tokens": tokens, "settings": config.settings}
-        )
-        splits = modality.load_data(config, DATA)
-        prepared = modality.prepare(bundle, list(splits.train), ctx, training=True)
-        modality.add_adapter(bundle, ctx)
+        run = modality.open(ctx)
+        run.load_base()
+        run.model.to(accelerator.device)
+        splits = modality.load_data(DataContext(config=config, path=DATA, base=base))
+        prepared = run.prepare(list(splits.train), training=True)
+        run.add_adapter()
         clock = StepClock(args["warmup"], device)
 
         class StepCallback:
@@ -118,8 +122,8 @@ def run_polyadapt(args: dict) -> dict:
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         train_loop(
-            accelerator=accelerator, modality=modality, bundle=bundle, ctx=ctx, train_split=prepared, eval_split=None,
-            run_dir=Path(tmp), callbacks=[StepCallback()], show_progress=False,
+            accelerator=accelerator, run=run, train_split=prepared, eval_split=None, run_dir=Path(tmp),
+            callbacks=[StepCallback()], show_progress=False,
         )  # fmt: skip
         clock.stop()
     return {
@@ -136,7 +140,8 @@ def run_trainer(args: dict) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
 
-    from polyadapt_speech.data import load_dataset
+    from polyadapt.losses import IGNORE_INDEX
+    from polyadapt_speech.data import SAMPLE_RATE, read_dataset
     from polyadapt_speech.model import target_modules
 
     torch.set_num_threads(args["threads"])
@@ -146,26 +151,26 @@ def run_trainer(args: dict) -> dict:
     model = get_peft_model(
         model, LoraConfig(r=LORA_R, lora_alpha=2 * LORA_R, lora_dropout=0.0, target_modules=target_modules(model))
     )
-    samples = load_dataset(DATA, holdout=0.1, seed=0)["train"]
+    samples = read_dataset(DATA).splits["train"]
     prefix = tokens.prefix(None, "transcribe")
     items = []
     for sample in samples:
         text = processor.tokenizer.encode(" " + sample.text, add_special_tokens=False)
         # labels = the decoder sequence after <|startoftranscript|>; the given <|notimestamps|> is not learned
-        items.append({"audio": sample.audio, "labels": [-100] * (len(prefix) - 1) + text + [tokens.eot]})
+        items.append({"audio": sample.audio, "labels": [IGNORE_INDEX] * (len(prefix) - 1) + text + [tokens.eot]})
 
     def collate(batch):
         features = processor.feature_extractor(
-            [np.asarray(i["audio"]) for i in batch], sampling_rate=16_000, return_tensors="pt"
+            [np.asarray(i["audio"]) for i in batch], sampling_rate=SAMPLE_RATE, return_tensors="pt"
         ).input_features
         width = max(len(i["labels"]) for i in batch)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
         for row, item in enumerate(batch):
             labels[row, : len(item["labels"])] = torch.tensor(item["labels"])
-        # the model shifts labels right behind decoder_start_token_id; -100 positions must still feed real tokens
+        # the model shifts labels right behind decoder_start_token_id; ignored positions must still feed real tokens
         decoder_inputs = torch.full((len(batch), width), tokens.eot, dtype=torch.long)
         for row, item in enumerate(batch):
-            seq = prefix + [t for t in item["labels"] if t != -100]
+            seq = prefix + [t for t in item["labels"] if t != IGNORE_INDEX]
             decoder_inputs[row, : len(seq) - 1] = torch.tensor(seq[:-1])
         return {"input_features": features, "labels": labels, "decoder_input_ids": decoder_inputs}
 
@@ -209,12 +214,12 @@ def run_features(args: dict) -> dict:
     import torch
     from transformers import WhisperFeatureExtractor
 
-    from polyadapt_speech.data import load_dataset
+    from polyadapt_speech.data import SAMPLE_RATE, read_dataset
     from polyadapt_speech.features import log_mel
 
     torch.set_num_threads(args["threads"])
     device = args["device"]
-    clips = [s.audio for s in load_dataset(DATA, holdout=0.1, seed=0)["train"]][:32]
+    clips = [s.audio for s in read_dataset(DATA).splits["train"]][:32]
     extractor = WhisperFeatureExtractor(feature_size=80)
     width = max(len(c) for c in clips)
     batch = torch.zeros(len(clips), width)
@@ -232,12 +237,12 @@ def run_features(args: dict) -> dict:
             times.append(time.perf_counter() - start)
         return min(times)
 
-    reference = best(lambda: extractor([np.asarray(c) for c in clips], sampling_rate=16_000, return_tensors="np"))
+    reference = best(lambda: extractor([np.asarray(c) for c in clips], sampling_rate=SAMPLE_RATE, return_tensors="np"))
     ours = best(lambda: log_mel(batch.to(device)).cpu())
     gap = float(
         np.abs(
             log_mel(batch.to(device)).cpu().numpy()
-            - extractor(clips, sampling_rate=16_000, return_tensors="np").input_features
+            - extractor(clips, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features
         ).max()
     )
     return {

@@ -20,7 +20,7 @@ def run_dir(toy_config, tmp_path):
 
 
 def test_adapt_evaluate_infer_export(run_dir, tmp_path, toy):
-    manifest = read_manifest(run_dir)
+    manifest = read_manifest(run_dir).to_json()
     assert manifest["status"] == "complete" and manifest["config"]["train"]["max_steps"] == 10
 
     other = toy.write_data(tmp_path / "other", n=16, seed=9)
@@ -28,7 +28,7 @@ def test_adapt_evaluate_infer_export(run_dir, tmp_path, toy):
     assert "eval_loss" in evaluated.stdout
     report = json.loads((run_dir / "report.json").read_text())
     assert report["evaluated_on"]["data"] == str(other) and report["evaluated_on"]["samples"] == 8
-    assert len(read_manifest(run_dir)["evaluations"]) == 1
+    assert len(read_manifest(run_dir).to_json()["evaluations"]) == 1
 
     predicted = run_cli("infer", str(run_dir), "--x", "0.1,0.2,0.3,0.4", check=True)
     assert float(predicted.stdout.strip())  # a number came back
@@ -58,7 +58,10 @@ def test_doctor_lists_every_bad_sample_and_exits_2(toy_config, tmp_path):
     data.write_text(data.read_text() + '{"x": 1}\n[1, 2]\n')
     result = run_cli("doctor", str(config))
     assert result.returncode == 2
-    assert f"{data}:17: needs keys 'x' and 'y'" in result.stderr and f"{data}:18: needs keys" in result.stderr
+    assert (
+        f"{data}:17: needs keys 'x' and 'y'" in result.stderr
+        and f"{data}:18: expected a JSON object, got list" in result.stderr
+    )
     assert not (tmp_path / "run").exists()
 
 

@@ -155,3 +155,37 @@ def test_hub_ids_and_local_paths_resolve(tmp_path):
 
     assert resolve_base("HuggingFaceTB/SmolLM2-135M").hub_id == "HuggingFaceTB/SmolLM2-135M"
     assert resolve_base(str(tmp_path)).path == tmp_path.resolve()
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["peft.method=ia3"], "peft.method: 'ia3' is not supported by the toy modality (supported: lora, dora)"),
+        (
+            ["train.early_stopping_metric=maee", "train.early_stopping_patience=2", "train.eval_every=2"],
+            "train.early_stopping_metric: 'maee' is not a metric the toy modality reports "
+            "(valid: eval_loss, mae, max_abs_error)",
+        ),
+        (["train.early_stopping_patience=2"], "train: early_stopping_patience needs eval_every"),
+        (["peft.method=dora", "toy.hidden=2"], "toy.hidden: dora needs at least 4 hidden units"),
+        (["train.num_workers=2"], "train.num_workers: unknown key"),
+    ],
+)
+def test_what_the_modality_cannot_run_fails_at_validation(raw, overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        validate_config(apply_overrides(raw, overrides))
+    assert expected in str(err.value)
+
+
+def test_a_bad_combination_fails_before_any_model_or_data_is_touched(toy_config, tmp_path):
+    from .conftest import run_cli
+
+    config = toy_config(train={"early_stopping_patience": 2})
+    result = run_cli("adapt", str(config))
+    assert result.returncode == 2 and "early_stopping_patience needs eval_every" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_may_be_given_as_a_directory(raw):
+    raw["data"] = raw["data"]["path"]
+    assert validate_config(raw).data.path == Path(raw["data"])

@@ -13,7 +13,7 @@ def test_two_process_run_completes_and_its_adapter_loads(toy_config, tmp_path, t
     result = accelerate_launch(["adapt", str(config)])
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "run"
-    manifest = read_manifest(run_dir)
+    manifest = read_manifest(run_dir).to_json()
     assert manifest["status"] == "complete"
     # Two processes of batch 8 see 16 samples per step.
     assert manifest["training"]["samples_seen"] == 6 * 16
@@ -28,9 +28,9 @@ def test_two_process_run_completes_and_its_adapter_loads(toy_config, tmp_path, t
     from polyadapt.lifecycle import load_run
 
     loaded = load_run(run_dir)
-    assert isinstance(loaded.bundle.model, PeftModel)
+    assert isinstance(loaded.run.model, PeftModel)
     with torch.no_grad():
-        out = loaded.bundle.model(torch.zeros(2, 4))
+        out = loaded.run.model(torch.zeros(2, 4))
     assert out.shape == (2,) and torch.isfinite(out).all()
 
 
@@ -42,6 +42,6 @@ def test_cuda_run_uses_bf16_autocast(toy_config):
 
     assert torch.cuda.is_available()
     run_dir = polyadapt.adapt(toy_config(train={"max_steps": 5}))
-    manifest = read_manifest(run_dir)
+    manifest = read_manifest(run_dir).to_json()
     assert manifest["hardware"]["cuda"] and manifest["status"] == "complete"
     assert manifest["metrics"]["after"]["eval_loss"] < manifest["metrics"]["before"]["eval_loss"]

@@ -41,7 +41,7 @@ def test_run_directory_layout(finished):
 
 def test_manifest_records_lineage_and_its_hashes_match_the_files(finished, tmp_path):
     _, run_dir = finished
-    m = read_manifest(run_dir)
+    m = read_manifest(run_dir).to_json()
     assert m["status"] == "complete" and m["modality"] == "toy" and m["polyadapt_version"] == polyadapt.__version__
     assert m["plugins"]["toy"]["version"] == "0.1.0"
     assert m["base"]["weights_sha256"]["model.safetensors"] == sha256(tmp_path / "base" / "model.safetensors")
@@ -68,7 +68,7 @@ def test_a_complete_run_is_not_overwritten_without_overwrite(finished):
         polyadapt.adapt(config)
     assert sha256(run_dir / "adapter_model.safetensors") == before
     polyadapt.adapt(config, overwrite=True)
-    assert read_manifest(run_dir)["status"] == "complete"
+    assert read_manifest(run_dir).status == "complete"
 
 
 def test_a_directory_that_is_not_a_run_is_never_touched(toy_config, tmp_path):
@@ -86,7 +86,7 @@ def test_a_failed_run_is_marked_failed_and_not_complete(toy_config, tmp_path):
     config = toy_config(toy={"explode_after_calls": 2})
     with pytest.raises(polyadapt.TrainingDivergedError):
         polyadapt.adapt(config)
-    manifest = read_manifest(tmp_path / "run")
+    manifest = read_manifest(tmp_path / "run").to_json()
     assert manifest["status"] == "failed"
     with pytest.raises(RunDirectoryError, match="is not a complete run"):
         polyadapt.evaluate(tmp_path / "run")
@@ -104,16 +104,84 @@ def test_bad_samples_fail_listing_every_one_or_are_skipped_and_recorded(toy_conf
     assert "2 bad sample(s)" in message and f"{data}:3: invalid JSON" in message and f"{data}:6: needs keys" in message
     assert not (tmp_path / "run").exists()  # nothing was created for a run that could not start
     run_dir = polyadapt.adapt(toy_config(data={"on_bad_sample": "skip"}, train={"max_steps": 2}))
-    skipped = read_manifest(run_dir)["data"]["bad_samples_skipped"]
-    assert [s["line"] for s in skipped] == [3, 6] and read_manifest(run_dir)["data"]["counts"]["train"] == 62
+    skipped = read_manifest(run_dir).to_json()["data"]["bad_samples_skipped"]
+    assert [s["line"] for s in skipped] == [3, 6] and read_manifest(run_dir).to_json()["data"]["counts"]["train"] == 62
 
 
 def test_holdout_is_cut_deterministically_and_recorded(toy_config, tmp_path):
     (tmp_path / "data" / "validation.jsonl").unlink()
     run_dir = polyadapt.adapt(toy_config(train={"max_steps": 2}, data={"holdout": 0.25}))
-    details = read_manifest(run_dir)["data"]["details"]["holdout"]
-    assert details["fraction"] == 0.25 and len(details["indices"]) == 16
+    heldout = read_manifest(run_dir).data.heldout
+    assert heldout["source"] == "holdout" and heldout["fraction"] == 0.25 and len(heldout["indices"]) == 16
     again = polyadapt.adapt(
         toy_config("again.yaml", output=str(tmp_path / "again"), train={"max_steps": 2}, data={"holdout": 0.25})
     )
-    assert read_manifest(again)["data"]["details"]["holdout"]["indices"] == details["indices"]
+    assert read_manifest(again).data.heldout["indices"] == heldout["indices"]
+
+
+@pytest.mark.parametrize(
+    ("files", "source"),
+    [(("train", "validation", "test"), "validation"), (("train", "test"), "test"), (("train",), "holdout")],
+)
+def test_one_heldout_rule_validation_then_test_then_a_cut(toy, tmp_path, files, source):
+    from polyadapt.config import validate_config
+    from polyadapt.lifecycle import read_data
+
+    data = toy.write_data(tmp_path / "data", n=40)
+    (data / "validation.jsonl").rename(data / "test.jsonl")
+    if "validation" in files:
+        (data / "validation.jsonl").write_text((data / "test.jsonl").read_text())
+    if "test" not in files:
+        (data / "test.jsonl").unlink()
+    config = validate_config(
+        {
+            "modality": "toy",
+            "base": str(toy.write_base(tmp_path / "base")),
+            "data": str(data),
+            "output": str(tmp_path / "o"),
+        }
+    )
+    from polyadapt.plugins import get_plugin_manager
+
+    modality = get_plugin_manager().get_modality("toy")
+    splits, _ = read_data(modality, config)
+    assert splits.heldout["source"] == source
+    assert len(splits.validation) == (4 if source == "holdout" else 10) and len(splits.train) == (
+        36 if source == "holdout" else 40
+    )
+
+
+def test_a_directory_without_a_dataset_is_one_clear_error(toy, tmp_path):
+    from polyadapt.config import validate_config
+    from polyadapt.lifecycle import doctor
+
+    (tmp_path / "empty").mkdir()
+    config = validate_config(
+        {
+            "modality": "toy",
+            "base": str(toy.write_base(tmp_path / "base")),
+            "data": str(tmp_path / "empty"),
+            "output": "o",
+        }
+    )
+    with pytest.raises(polyadapt.DataError, match=r"data.path: .*empty holds no dataset \(expected train.jsonl"):
+        doctor(config)
+
+
+def test_an_invalid_manifest_is_refused_naming_the_file_and_key(finished):
+    _, run_dir = finished
+    path = run_dir / "polyadapt.json"
+    content = json.loads(path.read_text())
+    content["status"] = "done"
+    path.write_text(json.dumps(content))
+    with pytest.raises(RunDirectoryError, match=r"polyadapt.json: invalid manifest: status: "):
+        read_manifest(run_dir)
+
+
+def test_the_run_directory_has_a_model_card_written_from_the_manifest(finished):
+    _, run_dir = finished
+    card = (run_dir / "README.md").read_text()
+    manifest = read_manifest(run_dir)
+    assert manifest.data.fingerprint["sha256"] in card
+    assert next(iter(manifest.base.weights_sha256.values())) in card
+    assert "| eval_loss |" in card and "PeftModel.from_pretrained" in card and "lora" in card

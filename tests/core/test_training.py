@@ -26,7 +26,7 @@ def test_loss_decreases_and_held_out_metrics_improve(toy_config):
     losses = [r["loss"] for r in read_history(run_dir) if "loss" in r]
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
-    metrics = read_manifest(run_dir)["metrics"]
+    metrics = read_manifest(run_dir).to_json()["metrics"]
     assert metrics["after"]["eval_loss"] < 0.5 * metrics["before"]["eval_loss"]
     assert metrics["after"]["mae"] < metrics["before"]["mae"]
     assert "max_abs_error" in metrics["after"]  # contributed through register_metrics
@@ -39,7 +39,7 @@ def test_a_run_killed_mid_way_resumes_to_the_same_adapter(toy_config, tmp_path):
     killed = run_cli("adapt", str(config), env={"POLYADAPT_TOY_KILL_AT_STEP": "8"})
     assert killed.returncode != 0
     crashed = tmp_path / "crash"
-    assert read_manifest(crashed)["status"] == "running"  # never looks complete
+    assert read_manifest(crashed).status == "running"  # never looks complete
     assert not (crashed / "adapter_model.safetensors").exists()
     refused = run_cli("adapt", str(config))
     assert refused.returncode == 2 and "--resume" in refused.stderr
@@ -49,7 +49,7 @@ def test_a_run_killed_mid_way_resumes_to_the_same_adapter(toy_config, tmp_path):
     assert expected.keys() == actual.keys()
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], atol=1e-5, rtol=0)
-    manifest = read_manifest(crashed)
+    manifest = read_manifest(crashed).to_json()
     assert manifest["status"] == "complete" and manifest["training"]["resumed_from"].endswith("step-000008")
     assert len(manifest["resumed"]) == 1
     steps_logged = [r["step"] for r in read_history(crashed) if "loss" in r]
@@ -73,7 +73,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(toy_c
     assert err.value.checkpoint.endswith("step-000006")
     run_dir = tmp_path / "run"
     assert (run_dir / "checkpoints" / "step-000006" / "trainable.safetensors").exists()
-    manifest = read_manifest(run_dir)
+    manifest = read_manifest(run_dir).to_json()
     assert manifest["status"] == "failed" and "step 8" in manifest["error"]
     result = run_cli("adapt", str(config), "--overwrite")
     assert result.returncode == 2
@@ -106,10 +106,10 @@ def test_early_stopping_stops_and_keeps_the_best_adapter(toy_config, tmp_path):
         train={"max_steps": 60, "lr": 3.0, "eval_every": 2, "early_stopping_patience": 2, "scheduler": "constant"}
     )
     run_dir = polyadapt.adapt(config)
-    training = read_manifest(run_dir)["training"]
+    training = read_manifest(run_dir).to_json()["training"]
     assert training["stopped_early"] and training["steps"] < 60
     evals = [r["eval/eval_loss"] for r in read_history(run_dir) if "eval/eval_loss" in r]
-    after = read_manifest(run_dir)["metrics"]["after"]["eval_loss"]
+    after = read_manifest(run_dir).to_json()["metrics"]["after"]["eval_loss"]
     assert math.isclose(after, min(evals + [after]), rel_tol=1e-5)
 
 
@@ -181,16 +181,16 @@ def test_training_callbacks_from_plugins_see_every_step(toy_config, toy, monkeyp
     assert seen == [("begin", 0), ("log", 1), ("log", 2), ("eval", True), ("log", 3), ("log", 4), ("end", 4)]
 
 
-def test_modality_sees_the_bundle_being_trained_after_each_periodic_evaluation(toy_config, toy, monkeypatch):
+def test_the_run_sees_the_model_being_trained_after_each_periodic_evaluation(toy_config, toy, monkeypatch):
     calls = []
 
-    def on_evaluate(self, bundle, ctx, step, metrics):
-        lora = [n for n, _ in bundle.model.named_parameters() if "lora_" in n]
-        calls.append((step, sorted(metrics), bool(lora), ctx.run_dir is not None))
-        bundle.model.eval()  # the loop puts the model back in training mode
+    def on_evaluate(self, step, metrics):
+        lora = [n for n, _ in self.model.named_parameters() if "lora_" in n]
+        calls.append((step, sorted(metrics), bool(lora), self.ctx.run_dir is not None, self.model.training))
+        self.model.train()  # whatever it does, the loop's `evaluating` puts the model back as it was
 
-    monkeypatch.setattr(toy.ToyModality, "on_evaluate", on_evaluate)
+    monkeypatch.setattr(toy.ToyRun, "on_evaluate", on_evaluate)
     run_dir = polyadapt.adapt(toy_config(train={"max_steps": 6, "eval_every": 2}))
     # at steps 2 and 4; the last step's evaluation is the final one, not a periodic one
-    assert calls == [(2, ["eval_loss"], True, True), (4, ["eval_loss"], True, True)]
-    assert read_manifest(run_dir)["status"] == "complete"
+    assert calls == [(2, ["eval_loss"], True, True, False), (4, ["eval_loss"], True, True, False)]
+    assert read_manifest(run_dir).status == "complete"

@@ -104,7 +104,7 @@ def make_config(tmp_path, tiny_base, dataset):
 
 
 def context_for(config_path: Path, run_dir: Path | None = None):
-    """A RunContext on the CPU for calling the modality's methods directly."""
+    """A RunContext on the CPU for calling the run's methods directly."""
     import torch
 
     from polyadapt.config import load_config
@@ -115,3 +115,23 @@ def context_for(config_path: Path, run_dir: Path | None = None):
     return RunContext(
         config=config, base=resolve_base(config.base), device=torch.device("cpu"), dtype=torch.float32, run_dir=run_dir
     )
+
+
+def load_data(config, path: Path | None = None):
+    """The dataset of ``config`` as the lifecycle sees it (the modality's reader, then the core's held-out rule)."""
+    from polyadapt.modality import DataContext
+    from polyadapt_image.modality import ImageModality
+
+    return ImageModality().load_data(DataContext(config=config, path=Path(path or config.data.path)))
+
+
+def open_run(config_path: Path, adapter: bool = False, run_dir: Path | None = None):
+    """``(run, splits)``: an ImageRun of the config with its base loaded (and a fresh adapter attached)."""
+    from polyadapt_image.modality import ImageModality
+
+    ctx = context_for(config_path, run_dir)
+    run = ImageModality().open(ctx)
+    run.load_base()
+    if adapter:
+        run.add_adapter()
+    return run, load_data(ctx.config)

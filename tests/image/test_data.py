@@ -1,4 +1,4 @@
-"""Reading imagefolder datasets: captions and trigger, holdout, every bad-image case with real broken files."""
+"""Reading imagefolder datasets: captions and trigger, the held-out split, every bad-image case with real broken files."""
 
 from __future__ import annotations
 
@@ -16,10 +16,9 @@ from polyadapt_image.data import apply_trigger, load_image
 
 
 def load(config_path: Path):
-    from polyadapt_image.modality import ImageModality
+    from .conftest import load_data
 
-    config = load_config(config_path)
-    return ImageModality().load_data(config, Path(config.data.path))
+    return load_data(load_config(config_path))
 
 
 @pytest.mark.parametrize(
@@ -42,6 +41,7 @@ def test_reads_splits_with_trigger(make_config):
     assert all(s.caption.endswith(", in harbor style") for s in [*splits.train, *splits.validation])
     assert splits.train[0].key.endswith("train/img-0.png")
     assert any(f.name == "metadata.jsonl" for f in splits.files)
+    assert splits.heldout == {"source": "test"}
 
 
 def test_holdout_cut_when_no_test_split(make_config, dataset):
@@ -52,6 +52,39 @@ def test_holdout_cut_when_no_test_split(make_config, dataset):
     second = load(make_config(data={"path": str(dataset), "holdout": 0.25}))
     assert len(first.validation) == 2 and len(first.train) == 6
     assert [s.key for s in first.validation] == [s.key for s in second.validation]
+    assert first.heldout["source"] == "holdout" and len(first.heldout["indices"]) == 2
+
+
+def test_a_validation_split_is_the_held_out_one_before_test(make_config, dataset):
+    import shutil
+
+    shutil.copytree(dataset / "test", dataset / "validation")
+    (dataset / "validation" / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "img-0.png", "text": "a gold circle on a teal background"}) + "\n"
+    )
+    splits = load(make_config(data={"path": str(dataset)}))
+    assert splits.heldout == {"source": "validation"}
+    assert [s.key for s in splits.validation] == [str(dataset / "validation" / "img-0.png")]
+    assert len(splits.train) == 8
+
+
+def test_only_a_held_out_split_gives_an_empty_train_and_no_split_is_the_core_error(make_config, dataset):
+    import shutil
+
+    from polyadapt.errors import DataError
+
+    shutil.rmtree(dataset / "train")
+    splits = load(make_config(data={"path": str(dataset)}))
+    assert not splits.train and len(splits.validation) == 4
+    shutil.rmtree(dataset / "test")
+    with pytest.raises(DataError, match="holds no dataset .*train/metadata.jsonl"):
+        load(make_config(data={"path": str(dataset)}))
+
+
+def test_the_demo_data_has_train_and_test_only():
+    """The demo's held-out split is its test/ directory: there is no validation/ to take its place."""
+    root = Path(__file__).resolve().parents[2] / "sample_data" / "image"
+    assert sorted(p.parent.name for p in root.glob("*/metadata.jsonl")) == ["test", "train"]
 
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:

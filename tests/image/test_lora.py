@@ -96,6 +96,16 @@ def test_plain_diffusers_loads_the_lora_with_every_key_and_output_changes(run_di
     assert np.abs(after - before).max() > 1e-4
 
 
+def test_the_model_card_snippet_loads_the_lora_with_plain_diffusers(run_dir, tiny_base):
+    card = (run_dir / "README.md").read_text()
+    code = card.split("```python\n", 1)[1].split("```", 1)[0]
+    assert f"DiffusionPipeline.from_pretrained({str(tiny_base)!r})" in code
+    assert f"pipe.load_lora_weights({str(run_dir)!r})" in code
+    namespace: dict = {}
+    exec(code.replace("pipe(", "pipe(num_inference_steps=2, prompt="), namespace)
+    assert namespace["pipe"].get_list_adapters()["unet"] and namespace["image"].size == (16, 16)
+
+
 def _lora_layers(unet):
     from peft.tuners.lora import LoraLayer
 
@@ -175,16 +185,10 @@ def test_a_prompt_beyond_the_text_window_is_named_once_not_at_every_image(run_di
 def test_captions_beyond_the_text_window_are_counted(make_config, tmp_path):
     import dataclasses
 
-    from polyadapt_image.modality import ImageModality
+    from .conftest import open_run
 
-    from .conftest import context_for
-
-    config = make_config()
-    ctx = context_for(config)
-    modality = ImageModality()
-    splits = modality.load_data(ctx.config, ctx.config.data.path)
-    bundle = modality.load_base(ctx)
+    run, splits = open_run(make_config())
     samples = list(splits.train)
-    assert modality.prepare(bundle, samples, ctx, training=True).stats["captions_truncated"] == 0
+    assert run.prepare(samples, training=True).stats["captions_truncated"] == 0
     samples[0] = dataclasses.replace(samples[0], caption=" ".join(["red circle"] * 20))
-    assert modality.prepare(bundle, samples, ctx, training=True).stats["captions_truncated"] == 1
+    assert run.prepare(samples, training=True).stats["captions_truncated"] == 1

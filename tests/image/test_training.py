@@ -1,4 +1,5 @@
-"""prepare/collate/compute_loss on tiny pipelines: caching equivalence, deterministic eval, min-SNR, targets, SDXL."""
+"""prepare/collate/loss on tiny pipelines: caching equivalence, deterministic eval, min-SNR, targets, SDXL,
+gradient checkpointing, text-encoder LoRA."""
 
 from __future__ import annotations
 
@@ -6,67 +7,53 @@ import pytest
 import torch
 
 from polyadapt_image.denoisers import signal_to_noise
-from polyadapt_image.modality import ImageModality
 
-from .conftest import context_for
-
-
-def setup(config_path, adapter: bool = False):
-    modality = ImageModality()
-    ctx = context_for(config_path)
-    splits = modality.load_data(ctx.config, ctx.config.data.path)
-    bundle = modality.load_base(ctx)
-    if adapter:
-        modality.add_adapter(bundle, ctx)
-    return modality, ctx, splits, bundle
+from .conftest import open_run
 
 
 def test_caching_gives_the_same_loss_as_encoding_every_step(make_config):
-    cached = setup(make_config(image={"cache_latents": True, "cache_text_embeddings": True}))
-    fresh = setup(make_config(image={"cache_latents": False, "cache_text_embeddings": False}))
+    cached = open_run(make_config(image={"cache_latents": True, "cache_text_embeddings": True}))
+    fresh = open_run(make_config(image={"cache_latents": False, "cache_text_embeddings": False}))
     losses = {}
-    for name, (modality, ctx, splits, bundle) in {"cached": cached, "fresh": fresh}.items():
-        prepared = modality.prepare(bundle, splits.train, ctx, training=True)
+    for name, (run, splits) in {"cached": cached, "fresh": fresh}.items():
+        prepared = run.prepare(splits.train, training=True)
         assert ("latents" in prepared.items[0]) == (name == "cached")
         assert ("cond" in prepared.items[0]) == (name == "cached")
         torch.manual_seed(123)
-        train_batch = modality.collate(bundle, prepared.items[:4], training=True)
-        eval_batch = modality.collate(bundle, prepared.items[:4], training=False)
+        train_batch = run.collate(prepared.items[:4], training=True)
+        eval_batch = run.collate(prepared.items[:4], training=False)
         with torch.no_grad():
-            losses[name] = (
-                modality.compute_loss(bundle, bundle.model, train_batch),
-                modality.compute_loss(bundle, bundle.model, eval_batch),
-            )
+            losses[name] = (run.loss(run.model, train_batch), run.loss(run.model, eval_batch))
     for cached_loss, fresh_loss in zip(losses["cached"], losses["fresh"], strict=True):
         torch.testing.assert_close(cached_loss, fresh_loss, rtol=1e-4, atol=1e-5)
 
 
 def test_eval_batches_are_deterministic_and_training_batches_are_not(make_config):
-    modality, ctx, splits, bundle = setup(make_config())
-    prepared = modality.prepare(bundle, splits.validation, ctx, training=False)
-    first = modality.collate(bundle, prepared.items, training=False)
+    run, splits = open_run(make_config())
+    prepared = run.prepare(splits.validation, training=False)
+    first = run.collate(prepared.items, training=False)
     torch.manual_seed(999)
-    second = modality.collate(bundle, prepared.items, training=False)
+    second = run.collate(prepared.items, training=False)
     for key in ("timesteps", "noise", "latent_noise", "latent_mean"):
         assert torch.equal(first[key], second[key]), key
     assert len(set(first["timesteps"].tolist())) > 1, "each item has its own timestep"
-    one = modality.collate(bundle, prepared.items, training=True)
-    two = modality.collate(bundle, prepared.items, training=True)
+    one = run.collate(prepared.items, training=True)
+    two = run.collate(prepared.items, training=True)
     assert not torch.equal(one["noise"], two["noise"])
 
 
 def test_loss_falls_when_training_the_lora(make_config):
     torch.manual_seed(0)
-    modality, ctx, splits, bundle = setup(make_config(peft={"r": 8, "alpha": 8, "dropout": 0.0}), adapter=True)
-    prepared = modality.prepare(bundle, splits.train, ctx, training=True)
-    batch = modality.collate(bundle, prepared.items[:4], training=False)
-    params = [p for p in bundle.model.parameters() if p.requires_grad]
-    assert params and all("lora_" in n for n, p in bundle.model.named_parameters() if p.requires_grad)
+    run, splits = open_run(make_config(peft={"r": 8, "alpha": 8, "dropout": 0.0}), adapter=True)
+    prepared = run.prepare(splits.train, training=True)
+    batch = run.collate(prepared.items[:4], training=False)
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    assert params and all("lora_" in n for n, p in run.model.named_parameters() if p.requires_grad)
     optimizer = torch.optim.AdamW(params, lr=3e-3)
-    bundle.model.train()
+    run.model.train()
     losses = []
     for _ in range(25):
-        loss = modality.compute_loss(bundle, bundle.model, batch)
+        loss = run.loss(run.model, batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -102,9 +89,9 @@ def test_min_snr_weights(prediction, gamma):
 
 
 def test_v_prediction_target_is_the_velocity(make_config, tiny_base_v):
-    modality, ctx, splits, bundle = setup(make_config(base=tiny_base_v))
-    assert bundle.info["prediction_type"] == "v_prediction"
-    strategy, scheduler = bundle.components["denoiser"], bundle.components["noise_scheduler"]
+    run, _ = open_run(make_config(base=tiny_base_v))
+    assert run.info["prediction_type"] == "v_prediction"
+    strategy, scheduler = run.strategy, run.noise_scheduler
     latents, noise = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
     timesteps = torch.tensor([100, 700])
     _, target = strategy.noisy_and_target(scheduler, latents, noise, timesteps)
@@ -113,60 +100,61 @@ def test_v_prediction_target_is_the_velocity(make_config, tiny_base_v):
 
 
 def test_noise_offset_adds_a_per_channel_constant(make_config):
-    plain = setup(make_config())
-    offset = setup(make_config(image={"noise_offset": 0.1}))
+    plain = open_run(make_config())
+    offset = open_run(make_config(image={"noise_offset": 0.1}))
     batches = []
-    for modality, ctx, splits, bundle in (plain, offset):
-        prepared = modality.prepare(bundle, splits.validation, ctx, training=False)
-        batches.append(modality.collate(bundle, prepared.items, training=False))
+    for run, splits in (plain, offset):
+        prepared = run.prepare(splits.validation, training=False)
+        batches.append(run.collate(prepared.items, training=False))
     difference = batches[1]["noise"] - batches[0]["noise"]
     assert difference.abs().max() > 0
     torch.testing.assert_close(difference, difference.mean(dim=(2, 3), keepdim=True).expand_as(difference))
 
 
 def test_sdxl_uses_both_encoders_and_time_ids(make_config, tiny_base_xl):
-    modality, ctx, splits, bundle = setup(make_config(base=tiny_base_xl), adapter=True)
-    assert bundle.info["pipeline"] == "StableDiffusionXLPipeline"
-    prepared = modality.prepare(bundle, splits.train, ctx, training=True)
-    batch = modality.collate(bundle, prepared.items[:2], training=False)
+    run, splits = open_run(make_config(base=tiny_base_xl), adapter=True)
+    assert run.info["pipeline"] == "StableDiffusionXLPipeline"
+    prepared = run.prepare(splits.train, training=True)
+    batch = run.collate(prepared.items[:2], training=False)
     assert batch["encoder_hidden_states"].shape[-1] == 128  # two 64-wide encoders, concatenated
     assert batch["text_embeds"].shape == (2, 64) and batch["time_ids"].shape == (2, 6)
-    loss = modality.compute_loss(bundle, bundle.model, batch)
+    loss = run.loss(run.model, batch)
     loss.backward()
-    assert any(p.grad is not None for n, p in bundle.model.named_parameters() if "lora_" in n)
+    assert any(p.grad is not None for n, p in run.model.named_parameters() if "lora_" in n)
 
 
 def test_text_encoder_lora_trains_and_reloads_with_the_same_outputs(make_config, tmp_path):
     from polyadapt_image.model import transformers_peft_usable
 
     config = make_config(image={"train_text_encoder": True}, peft={"r": 4, "alpha": 16})
-    modality, ctx, splits, bundle = setup(config, adapter=True)
-    prepared = modality.prepare(bundle, splits.train, ctx, training=True)
+    run, splits = open_run(config, adapter=True)
+    assert run.trainable_modules() == [run.denoiser, *run.text_encoders]
+    prepared = run.prepare(splits.train, training=True)
     assert "tokens" in prepared.items[0], "text embeddings are not cached when the text encoder trains"
-    batch = modality.collate(bundle, prepared.items[:2], training=True)
-    modality.compute_loss(bundle, bundle.model, batch).backward()
-    trained = {n.split(".")[0] for n, p in bundle.model.named_parameters() if p.requires_grad and p.grad is not None}
+    batch = run.collate(prepared.items[:2], training=True)
+    run.loss(run.model, batch).backward()
+    trained = {n.split(".")[0] for n, p in run.model.named_parameters() if p.requires_grad and p.grad is not None}
     assert trained == {"denoiser", "text_encoders"}
 
     with torch.no_grad():  # a trained-looking adapter: LoRA B is zero at initialisation
-        for name, parameter in bundle.model.named_parameters():
+        for name, parameter in run.model.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
-    modality.save_adapter(bundle, tmp_path / "lora")
-    ids = bundle.components["denoiser"].tokenize(["a red circle"])["input_ids"]
+    run.save_adapter(tmp_path / "lora")
+    ids = run.strategy.tokenize(["a red circle"])["input_ids"]
 
-    def encoded(b):
-        encoder = b.components["text_encoders"][0].eval()
+    def encoded(r):
+        encoder = r.text_encoders[0].eval()
         with torch.no_grad():
             return encoder(ids)[0]
 
-    trained_out = encoded(bundle)
-    fresh = modality.load_base(ctx)
+    trained_out = encoded(run)
+    fresh, _ = open_run(config)
     base_out = encoded(fresh)
-    modality.load_adapter(fresh, tmp_path / "lora", ctx)
+    fresh.load_adapter(tmp_path / "lora")
     # denoiser and text encoder come back with the trained scale alpha / r = 16 / 4
     scales = {v for m in fresh.model.modules() for v in (getattr(m, "scaling", None) or {}).values()}
-    scales |= {v for m in fresh.components["text_encoders"][0].modules() for v in (getattr(m, "scaling", None) or {}).values()}
+    scales |= {v for m in fresh.text_encoders[0].modules() for v in (getattr(m, "scaling", None) or {}).values()}
     assert scales == {4.0}
     assert (trained_out - base_out).abs().max() > 1e-3
     torch.testing.assert_close(encoded(fresh), trained_out, rtol=0, atol=1e-6)
@@ -193,7 +181,7 @@ def test_text_encoder_lora_trains_and_reloads_with_the_same_outputs(make_config,
     if transformers_peft_usable():  # plain diffusers loads the text-encoder part itself only with a recent peft
         from diffusers import StableDiffusionPipeline
 
-        pipe = StableDiffusionPipeline.from_pretrained(str(ctx.config.base), use_safetensors=True)
+        pipe = StableDiffusionPipeline.from_pretrained(str(run.ctx.config.base), use_safetensors=True)
         pipe.load_lora_weights(str(tmp_path / "lora"))
         with torch.no_grad():
             torch.testing.assert_close(pipe.text_encoder.eval()(ids)[0], trained_out, rtol=0, atol=1e-6)
@@ -201,7 +189,46 @@ def test_text_encoder_lora_trains_and_reloads_with_the_same_outputs(make_config,
 
 @pytest.mark.parametrize("sample", [True, False])
 def test_training_latents_are_posterior_samples_or_the_mean(make_config, sample):
-    modality, ctx, splits, bundle = setup(make_config(image={"sample_latents": sample}))
-    prepared = modality.prepare(bundle, splits.train, ctx, training=True)
-    batch = modality.collate(bundle, prepared.items[:4], training=True)
+    run, splits = open_run(make_config(image={"sample_latents": sample}))
+    prepared = run.prepare(splits.train, training=True)
+    batch = run.collate(prepared.items[:4], training=True)
     assert bool(batch["latent_noise"].abs().sum() > 0) is sample
+
+
+@pytest.mark.parametrize("text_encoder", [False, True])
+def test_gradient_checkpointing_recomputes_activations_with_the_same_gradients(make_config, text_encoder):
+    def backward(checkpointing: bool) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        config = make_config(train={"grad_checkpointing": checkpointing}, image={"train_text_encoder": text_encoder})
+        run, splits = open_run(config, adapter=True)
+        with torch.no_grad():  # LoRA B is zero at initialisation, which would leave LoRA A without a gradient
+            for name, parameter in run.model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+        batch = run.collate(run.prepare(splits.train, training=True).items[:2], training=False)
+        calls = {"denoiser": 0, "text_encoder": 0}
+
+        def count(part):
+            def hook(module, args, output):
+                calls[part] += 1
+
+            return hook
+
+        for part, module, leaf in (("denoiser", run.denoiser, "to_q"), ("text_encoder", run.text_encoders[0], "q_proj")):
+            for name, layer in module.named_modules():
+                if name.endswith(leaf):
+                    layer.register_forward_hook(count(part))
+        run.model.train()
+        run.loss(run.model, batch).backward()
+        return calls, {n: p.grad for n, p in run.model.named_parameters() if p.requires_grad}
+
+    plain_calls, plain = backward(False)
+    calls, checkpointed = backward(True)
+    # the checkpointed layers run again in the backward pass: their activations were not kept
+    assert calls["denoiser"] > plain_calls["denoiser"] > 0
+    if text_encoder:
+        assert calls["text_encoder"] > plain_calls["text_encoder"] > 0
+        assert any(n.startswith("text_encoders.") for n in checkpointed)
+    assert checkpointed.keys() == plain.keys() and all(g is not None for g in checkpointed.values())
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-4, atol=1e-6)

@@ -118,6 +118,24 @@ def small_dataset(tmp_path) -> Path:
     return write_dataset(tmp_path / "data")
 
 
+def open_speech_run(config_path: Path, load: bool = True) -> tuple[Any, Any, Any]:
+    """``(modality, run, splits)`` of a config: the run opened on the CPU with its base loaded (unless ``load`` is
+    false) and the dataset read with the base resolved, as ``polyadapt adapt`` does."""
+    from polyadapt.config import load_config
+    from polyadapt.lifecycle import resolve_base
+    from polyadapt.modality import DataContext, RunContext
+    from polyadapt.plugins import get_plugin_manager
+
+    config = load_config(config_path)
+    modality = get_plugin_manager().get_modality("speech")
+    base = resolve_base(config.base)
+    splits = modality.load_data(DataContext(config=config, path=Path(config.data.path), base=base))
+    run = modality.open(RunContext(config=config, base=base, device=torch.device("cpu"), dtype=torch.float32))
+    if load:
+        run.load_base()
+    return modality, run, splits
+
+
 def write_config(path: Path, base: Path | str, data_dir: Path, output: Path, **sections: Any) -> Path:
     """A speech config YAML; ``sections`` override or add top-level sections (``train={...}``, ``speech={...}``)."""
     import yaml

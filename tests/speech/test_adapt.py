@@ -9,6 +9,7 @@ import torch
 from click.testing import CliRunner
 
 import polyadapt
+from polyadapt_speech.data import SAMPLE_RATE
 
 from .conftest import write_config, write_dataset
 
@@ -29,11 +30,11 @@ def finished_run(tmp_path_factory, tiny_whisper):
     return polyadapt.adapt(config)
 
 
-def _logits(model, bundle):
+def _logits(model, run):
     from polyadapt_speech.export import parity_inputs
 
     with torch.no_grad():
-        return model(**parity_inputs(bundle, torch.device("cpu"))).logits
+        return model(**parity_inputs(run, torch.device("cpu"))).logits
 
 
 def test_loss_falls_and_metrics_are_reported(finished_run):
@@ -51,6 +52,8 @@ def test_loss_falls_and_metrics_are_reported(finished_run):
     ]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
     assert (finished_run / "adapter_config.json").is_file() and (finished_run / "adapter_model.safetensors").is_file()
+    assert manifest["data"]["heldout"] == {"source": "test"}
+    assert manifest["data"]["prepared"]["validation"]["clips"] == 3
     report = (finished_run / "report.html").read_text()
     assert "Transcripts" in report and "<th>adapted</th>" in report
 
@@ -61,15 +64,36 @@ def test_reload_matches_vanilla_peft_and_differs_from_base(finished_run, tiny_wh
 
     from polyadapt.lifecycle import load_run
 
-    run = load_run(finished_run)
-    ours = _logits(run.bundle.model, run.bundle)
-    again = _logits(load_run(finished_run).bundle.model, run.bundle)
+    run = load_run(finished_run).run
+    ours = _logits(run.model, run)
+    again = _logits(load_run(finished_run).run.model, run)
     assert torch.equal(ours, again)
     base = WhisperForConditionalGeneration.from_pretrained(str(tiny_whisper)).eval()
-    base_logits = _logits(base, run.bundle)
+    base_logits = _logits(base, run)
     vanilla = PeftModel.from_pretrained(base, str(finished_run)).eval()
-    assert torch.allclose(_logits(vanilla, run.bundle), ours, atol=1e-5)
+    assert torch.allclose(_logits(vanilla, run), ours, atol=1e-5)
     assert not torch.allclose(base_logits, ours, atol=1e-3)
+
+
+def test_the_model_cards_snippet_loads_the_adapter_with_vanilla_peft(finished_run, monkeypatch):
+    """The python block of the run's README.md runs as written: WhisperForConditionalGeneration, then
+    PeftModel.from_pretrained, then a transcription of one clip."""
+    import re
+
+    import soundfile as sf
+    from peft import PeftModel
+
+    from polyadapt.lifecycle import load_run
+
+    card = (finished_run / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    assert "WhisperForConditionalGeneration.from_pretrained" in code and "PeftModel.from_pretrained" in code
+    clip = sorted((finished_run.parent / "data" / "test").glob("*.wav"))[0]
+    scope = {"audio": sf.read(clip, dtype="float32")[0]}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert isinstance(scope["model"], PeftModel) and isinstance(scope["ids"], torch.Tensor)
+    run = load_run(finished_run).run
+    assert torch.allclose(_logits(scope["model"], run), _logits(run.model, run), atol=1e-5)
 
 
 def test_evaluate_reproduces_the_after_metrics(finished_run):
@@ -141,8 +165,8 @@ def test_infer_stitches_audio_longer_than_30_seconds(finished_run, tmp_path):
     clips = [sf.read(c, dtype="float32")[0] for c in sorted((finished_run.parent / "data" / "train").glob("*.wav"))]
     gap = np.zeros(8000, dtype=np.float32)
     long = np.concatenate([part for clip in clips * 2 for part in (clip, gap)])
-    assert len(long) > 30 * 16_000
-    sf.write(tmp_path / "long.wav", long, 16_000)
+    assert len(long) > 30 * SAMPLE_RATE
+    sf.write(tmp_path / "long.wav", long, SAMPLE_RATE)
     result = CliRunner().invoke(cli, ["infer", str(finished_run), str(tmp_path / "long.wav")])
     assert result.exit_code == 0, result.output
     assert [line.split("\t")[0] for line in result.stdout.splitlines() if "\t" in line] == [str(tmp_path / "long.wav")]

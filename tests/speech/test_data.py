@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 
@@ -11,10 +12,11 @@ import soundfile as sf
 import torch
 
 from polyadapt.errors import DataError
+from polyadapt_speech.data import SAMPLE_RATE
 
 from .conftest import SAMPLES, sample_rows, write_config, write_dataset
 
-RATE = 16_000
+RATE = SAMPLE_RATE
 
 
 def _tone(seconds: float, rate: int = RATE, amplitude: float = 0.3) -> np.ndarray:
@@ -56,12 +58,16 @@ BAD_CASES = [
 ]
 
 
-def _load(config_path):
+def _load(config_path, base=True):
+    """The dataset as ``adapt`` reads it: with the base resolved (its tokenizer measures transcriptions), or without."""
     from polyadapt.config import load_config
+    from polyadapt.lifecycle import resolve_base
+    from polyadapt.modality import DataContext
     from polyadapt.plugins import get_plugin_manager
 
     config = load_config(config_path)
-    return get_plugin_manager().get_modality("speech").load_data(config, config.data.path)
+    resolved = resolve_base(config.base) if base else None
+    return get_plugin_manager().get_modality("speech").load_data(DataContext(config, config.data.path, resolved))
 
 
 @pytest.mark.parametrize(("kind", "reason"), BAD_CASES, ids=[c[0] for c in BAD_CASES])
@@ -116,7 +122,12 @@ def test_compressed_formats_at_other_rates_are_read(tmp_path, tiny_whisper, suff
     assert abs(len(clip.audio) - len(source)) < 0.1 * RATE
 
 
-def test_transcript_problems_and_jsonl_lines(tmp_path, tiny_whisper):
+@pytest.mark.parametrize(
+    ("speech", "allowed"),
+    [({"max_label_length": 50}, 50), ({}, 93), ({"prompt_glossary": True}, None)],
+    ids=["max_label_length", "decoder length", "glossary prompt"],
+)
+def test_transcript_problems_and_jsonl_lines(tmp_path, tiny_whisper, speech, allowed):
     data = write_dataset(tmp_path / "data", train=2, test=1)
     folder = data / "train"
     first = sample_rows("train")[0]["file_name"]
@@ -128,16 +139,95 @@ def test_transcript_problems_and_jsonl_lines(tmp_path, tiny_whisper):
         json.dumps({"file_name": first, "transcription": "word " * 300}),
     ]
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    splits = _load(
-        write_config(tmp_path / "c.yaml", tiny_whisper, data, tmp_path / "run", speech={"max_label_length": 100})
-    )
-    found = {(p.line, p.reason.split(":")[-1].strip()[:20]) for p in splits.problems}
+    config = write_config(tmp_path / "c.yaml", tiny_whisper, data, tmp_path / "run", speech=speech)
+    splits = _load(config)
     reasons = {p.line: p.reason for p in splits.problems}
-    assert set(reasons) == {2, 3, 4}, found
+    assert set(reasons) == {2, 3, 4}, reasons
     assert "empty transcription" in reasons[2]
     assert "invalid JSON" in reasons[3]
-    assert "more than the decoder allows (100)" in reasons[4]
+    if allowed is None:  # the glossary prompt takes decoder positions of its own
+        allowed = int(reasons[4].rsplit("(", 1)[1].rstrip(")"))
+        assert 0 < allowed < 93
+    assert f"more than the decoder allows ({allowed})" in reasons[4]
     assert all(p.file.endswith("metadata.jsonl") for p in splits.problems)
+
+
+def test_a_clip_language_the_model_lacks_is_a_bad_sample(tmp_path, tiny_whisper):
+    data = write_dataset(tmp_path / "data", train=3, test=1)
+    rows = sample_rows("train")[:3]
+    with open(data / "train" / "metadata.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file_name", "transcription", "language"])
+        for row, language in zip(rows, ["en", "de", ""], strict=True):
+            writer.writerow([row["file_name"], row["transcription"], language])
+    splits = _load(write_config(tmp_path / "c.yaml", tiny_whisper, data, tmp_path / "run"))
+    assert [(p.line, p.split) for p in splits.problems] == [(3, "train")]
+    assert rows[1]["file_name"] in splits.problems[0].reason and "English-only" in splits.problems[0].reason
+    assert [s.language for s in splits.train] == ["en", None]
+
+
+def test_without_the_base_transcriptions_are_left_to_prepare_and_a_warning_says_so(tmp_path, tiny_whisper):
+    data = write_dataset(tmp_path / "data", train=2, test=1)
+    with open(data / "train" / "metadata.csv", "a", encoding="utf-8") as handle:
+        handle.write(f"{sample_rows('train')[0]['file_name']},{'word ' * 300}\n")
+    config = write_config(tmp_path / "c.yaml", tiny_whisper, data, tmp_path / "run")
+    splits = _load(config, base=False)
+    assert not splits.problems and len(splits.train) == 3
+    assert any("transcription lengths are checked when the run prepares" in w for w in splits.warnings)
+    assert len(_load(config).problems) == 1
+
+
+def test_a_speech_language_the_model_lacks_is_one_config_error(tmp_path, tiny_whisper):
+    from polyadapt.errors import ConfigError
+
+    data = write_dataset(tmp_path / "data", train=2, test=1)
+    config = write_config(tmp_path / "c.yaml", tiny_whisper, data, tmp_path / "run", speech={"language": "de"})
+    with pytest.raises(ConfigError, match=r"speech.language: language 'de': this is an English-only"):
+        _load(config)
+
+
+def test_doctor_names_a_transcription_too_long_without_loading_the_model(tmp_path, tiny_whisper, monkeypatch):
+    from click.testing import CliRunner
+
+    import polyadapt_speech.model
+    from polyadapt.cli import cli
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("doctor loaded the model")
+
+    monkeypatch.setattr(polyadapt_speech.model, "load_whisper", no_loading)
+    data = write_dataset(tmp_path / "data", train=2, test=1)
+    with open(data / "train" / "metadata.csv", "a", encoding="utf-8") as handle:
+        handle.write(f"{sample_rows('train')[0]['file_name']},{'word ' * 300}\n")
+    config = write_config(tmp_path / "c.yaml", tiny_whisper, data, tmp_path / "run")
+    result = CliRunner().invoke(cli, ["doctor", str(config)])
+    assert result.exit_code != 0
+    assert "train/metadata.csv:4" in result.output and "more than the decoder allows (93)" in result.output
+
+
+def test_a_directory_without_any_split_is_the_cores_data_error(tmp_path, tiny_whisper):
+    data = tmp_path / "data"
+    (data / "notes").mkdir(parents=True)
+    config = write_config(tmp_path / "c.yaml", tiny_whisper, data, tmp_path / "run")
+    with pytest.raises(DataError, match="holds no dataset") as caught:
+        _load(config)
+    assert "train/, validation/ or test/" in str(caught.value)
+
+
+def test_every_split_found_is_read_and_validation_is_held_out(tmp_path, tiny_whisper):
+    data = write_dataset(tmp_path / "data", train=3, test=2)
+    shutil.copytree(data / "test", data / "validation")
+    (data / "validation" / "metadata.csv").write_text(
+        (data / "test" / "metadata.csv").read_text(encoding="utf-8").splitlines()[0]
+        + "\n"
+        + (data / "test" / "metadata.csv").read_text(encoding="utf-8").splitlines()[1]
+        + "\n",
+        encoding="utf-8",
+    )
+    splits = _load(write_config(tmp_path / "c.yaml", tiny_whisper, data, tmp_path / "run"))
+    assert splits.heldout == {"source": "validation"}
+    assert (len(splits.train), len(splits.validation)) == (3, 1)
+    assert {"train_seconds", "validation_seconds", "test_seconds"} <= set(splits.details)
 
 
 def test_training_fails_listing_bad_samples_and_skip_records_them(tmp_path, tiny_whisper):
@@ -171,6 +261,7 @@ def test_root_metadata_gets_a_deterministic_holdout(tmp_path, tiny_whisper):
     first, second = _load(config), _load(config)
     assert len(first.validation) == 2 and len(first.train) == 4
     assert [s.file for s in first.validation] == [s.file for s in second.validation]
+    assert first.heldout["source"] == "holdout" and len(first.heldout["indices"]) == 2
 
 
 def test_long_form_accepts_long_held_out_clips_but_never_long_training_clips(tmp_path, tiny_whisper):

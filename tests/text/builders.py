@@ -145,7 +145,7 @@ def make_config(base: Path, data_dir: Path, output: Path | None = None, **sectio
 
 
 def make_ctx(config: Any) -> Any:
-    """A CPU, float32 RunContext for calling the modality's methods directly."""
+    """A CPU, float32 RunContext for calling a run's methods directly."""
     from polyadapt.lifecycle import resolve_base
     from polyadapt.modality import RunContext
 
@@ -153,3 +153,20 @@ def make_ctx(config: Any) -> Any:
         config=config, base=resolve_base(config.base), device=torch.device("cpu"), dtype=torch.float32,
         run_dir=Path(config.output),
     )  # fmt: skip
+
+
+def open_run(config: Any, load: bool = True) -> Any:
+    """The text modality's run for ``config`` on the CPU, its base model loaded unless ``load`` is False."""
+    from polyadapt.plugins import get_plugin_manager
+
+    run = get_plugin_manager().get_modality("text").open(make_ctx(config))
+    if load:
+        run.load_base()
+    return run
+
+
+def with_settings(config: Any, section: str = "text", **changes: Any) -> Any:
+    """A copy of ``config`` with fields of one section changed (``text`` is the modality's own section)."""
+    if section == "text":
+        return config.model_copy(update={"settings": config.settings.model_copy(update=changes)})
+    return config.model_copy(update={section: getattr(config, section).model_copy(update=changes)})

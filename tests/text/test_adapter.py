@@ -66,12 +66,12 @@ def test_vanilla_peft_reproduces_polyadapt_logits_exactly(finished_run, tiny_lla
 
     from polyadapt.lifecycle import load_run
 
-    run = load_run(finished_run)
-    ids = probe_ids(run.bundle.processor)
+    run = load_run(finished_run).run
+    ids = probe_ids(run.tokenizer)
     vanilla = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_llama)), str(finished_run)).eval()
     plain_base = AutoModelForCausalLM.from_pretrained(str(tiny_llama)).eval()
     with torch.no_grad():
-        ours = run.bundle.model(input_ids=ids).logits
+        ours = run.model(input_ids=ids).logits
         theirs = vanilla(input_ids=ids).logits
         base = plain_base(input_ids=ids).logits
     assert torch.equal(ours, theirs)
@@ -79,23 +79,23 @@ def test_vanilla_peft_reproduces_polyadapt_logits_exactly(finished_run, tiny_lla
     assert AutoTokenizer.from_pretrained(str(tiny_llama))(PROBE)["input_ids"] == ids[0].tolist()
 
 
-def test_saved_adapter_reloads_to_identical_logits(tmp_path, tiny_llama, chat_data, modality):
-    from tests.text.builders import make_ctx
+def test_saved_adapter_reloads_to_identical_logits(tmp_path, tiny_llama, chat_data):
+    from tests.text.builders import open_run
 
-    ctx = make_ctx(make_config(tiny_llama, chat_data, tmp_path / "run"))
-    bundle = modality.load_base(ctx)
-    modality.add_adapter(bundle, ctx)
+    config = make_config(tiny_llama, chat_data, tmp_path / "run")
+    run = open_run(config)
+    run.add_adapter()
     with torch.no_grad():
-        for param in bundle.model.parameters():
+        for param in run.model.parameters():
             if param.requires_grad:
                 param.add_(torch.randn_like(param) * 0.05)
-    bundle.model.eval()
-    ids = probe_ids(bundle.processor)
+    run.model.eval()
+    ids = probe_ids(run.tokenizer)
     with torch.no_grad():
-        before = bundle.model(input_ids=ids).logits
-    modality.save_adapter(bundle, tmp_path / "adapter")
-    fresh = modality.load_base(ctx)
-    modality.load_adapter(fresh, tmp_path / "adapter", ctx)
+        before = run.model(input_ids=ids).logits
+    run.save_adapter(tmp_path / "adapter")
+    fresh = open_run(config)
+    fresh.load_adapter(tmp_path / "adapter")
     with torch.no_grad():
         after = fresh.model(input_ids=ids).logits
     assert torch.equal(before, after)
@@ -162,13 +162,15 @@ def test_infer_command_prints_an_answer(finished_run):
 
 
 def test_infer_is_deterministic_when_greedy(finished_run):
+    from polyadapt.evaluation import evaluating
     from polyadapt.lifecycle import load_run
 
-    run = load_run(finished_run)
+    run = load_run(finished_run).run
     options = {"prompt": PROBE, "system": None, "max_new_tokens": 6, "temperature": 0.0, "top_p": 1.0, "seed": 0}
-    first = run.modality.infer(run.bundle, run.ctx, options)
-    assert first == run.modality.infer(run.bundle, run.ctx, options)
-    sampled = [run.modality.infer(run.bundle, run.ctx, {**options, "temperature": 1.5, "seed": s}) for s in (1, 1, 2)]
+    with evaluating(run):
+        first = run.infer(options)
+        assert first == run.infer(options)
+        sampled = [run.infer({**options, "temperature": 1.5, "seed": s}) for s in (1, 1, 2)]
     assert sampled[0] == sampled[1]
 
 
@@ -176,7 +178,7 @@ def test_prefix_tuned_generation_uses_the_prefix(tiny_llama):
     from peft import PrefixTuningConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from polyadapt_text.generation import _decode_without_cache, generate
+    from polyadapt_text.inference import _decode_without_cache, generate
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama))
     base = AutoModelForCausalLM.from_pretrained(str(tiny_llama)).eval()
@@ -191,7 +193,7 @@ def test_prefix_tuned_generation_uses_the_prefix(tiny_llama):
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(str(tiny_llama)),
         PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
-    )
+    ).eval()
     with torch.no_grad():
         for param in model.parameters():
             if param.requires_grad:
@@ -200,3 +202,118 @@ def test_prefix_tuned_generation_uses_the_prefix(tiny_llama):
     alone = [generate(model, tokenizer, [p], 6)[0] for p in prompts]
     assert batched == alone
     assert batched != generate(base, tokenizer, prompts, 6, batch_size=2)
+
+
+def usage_code(run_dir: Path) -> str:
+    """The python block of the run's model card (README.md), under "Loading it"."""
+    card = (run_dir / "README.md").read_text()
+    section = card.split("## Loading it", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_model_card_snippet_loads_the_adapter_with_vanilla_peft(finished_run):
+    from polyadapt.lifecycle import load_run
+
+    code = usage_code(finished_run)
+    assert "AutoModelForCausalLM.from_pretrained" in code and "PeftModel.from_pretrained" in code
+    assert "polyadapt" not in code.replace(str(finished_run.resolve()), "")
+    namespace: dict = {}
+    exec(code, namespace)
+    run = load_run(finished_run).run
+    ids = probe_ids(namespace["tokenizer"])
+    with torch.no_grad():
+        theirs = namespace["model"].eval()(input_ids=ids).logits
+        ours = run.model(input_ids=ids).logits
+    assert torch.equal(theirs, ours)
+
+
+def perturbed_adapter(config, directory: Path, seed: int) -> Path:
+    """A LoRA adapter with random weights (so that it visibly changes the answers), saved in ``directory``."""
+    from tests.text.builders import open_run
+
+    run = open_run(config)
+    run.add_adapter()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in run.model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.3)
+    run.save_adapter(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def two_adapters(tiny_bases, tmp_path_factory):
+    """A run with two different LoRA adapters attached as "a" and "b" (eval batches of 3 rows)."""
+    from tests.text.builders import open_run
+
+    root = tmp_path_factory.mktemp("two")
+    write_jsonl(root / "data" / "train.jsonl", chat_records(4))
+    config = make_config(tiny_bases["llama"], root / "data", root / "run", eval={"batch_size": 3})
+    run = open_run(config)
+    run.load_adapter(perturbed_adapter(config, root / "a", seed=1), "a")
+    run.load_adapter(perturbed_adapter(config, root / "b", seed=2), "b")
+    return run
+
+
+PROMPTS = [PROBE, "Hi", "What APY does TideSaver pay on savings?", "When are you open?"]
+
+
+def test_mixed_adapter_batch_answers_each_row_as_its_adapter_alone(two_adapters):
+    from polyadapt.evaluation import evaluating
+    from polyadapt_text.inference import prompt_ids
+
+    run = two_adapters
+    assert run.adapter_names() == ["a", "b"]
+    prompts = [prompt_ids(run.tokenizer, p, None) for p in PROMPTS]
+    names = ["a", "b", None, "a"]
+    with evaluating(run):
+        mixed = run.generate(prompts, adapters=names, max_new_tokens=8)
+        alone = {}
+        for name in ("a", "b", None):
+            run.set_adapter(name)
+            alone[name] = run.generate(prompts, max_new_tokens=8)
+        run.set_adapter("a")
+    assert mixed == [alone[name][row] for row, name in enumerate(names)]
+    # the adapters really answer differently, so the comparison above could fail
+    assert alone["a"] != alone["b"] and alone["a"] != alone[None] and alone["b"] != alone[None]
+
+
+def test_mixed_adapter_batch_gives_the_same_greedy_tokens_per_row(two_adapters):
+    from polyadapt.evaluation import evaluating
+    from polyadapt_text.inference import prompt_ids
+
+    run = two_adapters
+    prompts = [prompt_ids(run.tokenizer, p, None) for p in PROMPTS[:2]]
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[run.tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    options = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": run.tokenizer.pad_token_id}
+
+    def greedy():
+        return run.model.generate(input_ids=ids, attention_mask=mask, **options)[:, width:].tolist()
+
+    with evaluating(run):
+        with run.adapter_batch(["a", "b"]):
+            mixed = greedy()
+        run.set_adapter("a")
+        only_a = greedy()
+        run.set_adapter("b")
+        only_b = greedy()
+        run.set_adapter("a")
+    assert mixed == [only_a[0], only_b[1]]
+    assert only_a != only_b
+
+
+def test_mixed_batches_refuse_adapters_peft_cannot_mix(tiny_llama, chat_data, tmp_path):
+    from polyadapt.errors import ConfigError
+    from polyadapt.evaluation import evaluating
+    from tests.text.builders import open_run
+
+    run = open_run(make_config(tiny_llama, chat_data, tmp_path / "run", peft={"method": "dora"}))
+    run.add_adapter()
+    prompts = [run.tokenizer("Hi")["input_ids"]]
+    with evaluating(run), pytest.raises(ConfigError, match="only LoRA adapters"):
+        run.generate(prompts, adapters=["default"], max_new_tokens=2)
+    with evaluating(run), pytest.raises(ConfigError, match="one per prompt"):
+        run.generate(prompts, adapters=["default", None], max_new_tokens=2)

@@ -5,54 +5,61 @@ from __future__ import annotations
 import pytest
 
 from polyadapt.errors import ConfigError
+from polyadapt.losses import IGNORE_INDEX
+from polyadapt.peft_run import plain_linear_head
 from polyadapt_text.batching import (
-    IGNORE,
     collate_items,
-    fusable_head,
     fused_loss_matches,
     mean_loss,
     pack,
     packing_isolated,
     target_logits,
 )
-from polyadapt_text.data import load_text_dataset
-from tests.text.builders import chat_records, make_config, make_ctx, prompt_records, text_records, write_jsonl
+from polyadapt_text.data import read_text_dataset
+from tests.text.builders import (
+    chat_records,
+    make_config,
+    open_run,
+    prompt_records,
+    text_records,
+    with_settings,
+    write_jsonl,
+)
 
 torch = pytest.importorskip("torch")
 
 
 @pytest.fixture
-def loaded(tmp_path, tiny_bases, modality):
-    """A function: (records, architecture, text settings) -> (bundle, ctx, samples)."""
+def loaded(tmp_path, tiny_bases):
+    """A function: (records, architecture, text settings) -> (run with its base loaded, samples)."""
 
     def load(records, kind="llama", **text):
         data = tmp_path / "data"
         write_jsonl(data / "train.jsonl", records)
-        config = make_config(tiny_bases[kind], data, text={"max_length": 64, **text})
-        ctx = make_ctx(config)
-        bundle = modality.load_base(ctx)
-        splits = load_text_dataset(data)
-        return bundle, ctx, sorted([*splits.train, *splits.validation], key=lambda s: s.line)
+        run = open_run(make_config(tiny_bases[kind], data, text={"max_length": 64, **text}))
+        return run, read_text_dataset(data).splits["train"]
 
     return load
 
 
 def decoded_targets(tokenizer, item):
-    return tokenizer.decode([t for t, label in zip(item["input_ids"], item["labels"], strict=True) if label != IGNORE])
+    return tokenizer.decode(
+        [t for t, label in zip(item["input_ids"], item["labels"], strict=True) if label != IGNORE_INDEX]
+    )
 
 
-def test_chat_loss_only_on_assistant_replies(loaded, modality):
-    bundle, ctx, samples = loaded(chat_records(4))
-    prepared = modality.prepare(bundle, samples, ctx, training=True)
+def test_chat_loss_only_on_assistant_replies(loaded):
+    run, samples = loaded(chat_records(4))
+    prepared = run.prepare(samples, training=True)
     for sample, item in zip(samples, prepared.items, strict=True):
         reply = sample.messages[-1][1]
         # the reply and its end-of-turn token are learned; nothing of the user turn is
-        assert decoded_targets(bundle.processor, item).startswith(reply + "<|im_end|>")
-        assert sample.messages[0][1] not in decoded_targets(bundle.processor, item)
-        assert item["labels"][0] == IGNORE
+        assert decoded_targets(run.tokenizer, item).startswith(reply + "<|im_end|>")
+        assert sample.messages[0][1] not in decoded_targets(run.tokenizer, item)
+        assert item["labels"][0] == IGNORE_INDEX
 
 
-def test_multi_turn_chat_learns_every_assistant_turn(loaded, modality):
+def test_multi_turn_chat_learns_every_assistant_turn(loaded):
     record = {
         "messages": [
             {"role": "system", "content": "Be brief."},
@@ -62,52 +69,52 @@ def test_multi_turn_chat_learns_every_assistant_turn(loaded, modality):
             {"role": "assistant", "content": "second answer"},
         ]
     }
-    bundle, ctx, samples = loaded([record, *chat_records(2)])
-    item = modality.prepare(bundle, samples[:1], ctx, training=True).items[0]
-    learned = decoded_targets(bundle.processor, item)
+    run, samples = loaded([record, *chat_records(2)])
+    item = run.prepare(samples[:1], training=True).items[0]
+    learned = decoded_targets(run.tokenizer, item)
     assert "first answer" in learned and "second answer" in learned
     assert "hello" not in learned and "Be brief" not in learned
 
 
-def test_prompt_completion_masks_the_prompt(loaded, modality):
-    bundle, ctx, samples = loaded(prompt_records(3))
-    item = modality.prepare(bundle, samples, ctx, training=True).items[0]
-    assert decoded_targets(bundle.processor, item).strip().startswith(samples[0].completion.strip())
-    assert samples[0].prompt.strip() not in decoded_targets(bundle.processor, item)
+def test_prompt_completion_masks_the_prompt(loaded):
+    run, samples = loaded(prompt_records(3))
+    item = run.prepare(samples, training=True).items[0]
+    assert decoded_targets(run.tokenizer, item).strip().startswith(samples[0].completion.strip())
+    assert samples[0].prompt.strip() not in decoded_targets(run.tokenizer, item)
 
 
 @pytest.mark.parametrize("records", [chat_records(3), prompt_records(3)], ids=["chat", "prompt_completion"])
-def test_completion_only_loss_can_be_switched_off(loaded, modality, records):
-    bundle, ctx, samples = loaded(records, completion_only_loss=False)
-    item = modality.prepare(bundle, samples, ctx, training=True).items[0]
-    assert all(label != IGNORE for label in item["labels"])
+def test_completion_only_loss_can_be_switched_off(loaded, records):
+    run, samples = loaded(records, completion_only_loss=False)
+    item = run.prepare(samples, training=True).items[0]
+    assert all(label != IGNORE_INDEX for label in item["labels"])
 
 
-def test_plain_text_learns_every_token_and_ends_with_eos(loaded, modality):
-    bundle, ctx, samples = loaded(text_records(3))
-    item = modality.prepare(bundle, samples, ctx, training=True).items[0]
+def test_plain_text_learns_every_token_and_ends_with_eos(loaded):
+    run, samples = loaded(text_records(3))
+    item = run.prepare(samples, training=True).items[0]
     assert item["labels"] == item["input_ids"]
-    assert item["input_ids"][-1] == bundle.processor.eos_token_id
+    assert item["input_ids"][-1] == run.tokenizer.eos_token_id
 
 
-def test_system_prompt_is_added_to_chats_without_one(loaded, modality):
-    bundle, ctx, samples = loaded(chat_records(3), system_prompt="You work at Harbor Bank.")
-    item = modality.prepare(bundle, samples, ctx, training=True).items[0]
-    assert bundle.processor.decode(item["input_ids"]).startswith("<|im_start|>system\nYou work at Harbor Bank.")
+def test_system_prompt_is_added_to_chats_without_one(loaded):
+    run, samples = loaded(chat_records(3), system_prompt="You work at Harbor Bank.")
+    item = run.prepare(samples, training=True).items[0]
+    assert run.tokenizer.decode(item["input_ids"]).startswith("<|im_start|>system\nYou work at Harbor Bank.")
 
 
-def test_truncation_is_counted(loaded, modality):
+def test_truncation_is_counted(loaded):
     long = [{"text": "word " * 200}, *text_records(3)]
-    bundle, ctx, samples = loaded(long, max_length=32)
-    prepared = modality.prepare(bundle, samples, ctx, training=True)
+    run, samples = loaded(long, max_length=32)
+    prepared = run.prepare(samples, training=True)
     assert prepared.stats["truncated"] >= 1
     assert max(len(i["input_ids"]) for i in prepared.items) <= 32
 
 
-def test_sample_whose_reply_is_cut_away_is_dropped_and_counted(loaded, modality):
+def test_sample_whose_reply_is_cut_away_is_dropped_and_counted(loaded):
     record = {"messages": [{"role": "user", "content": "tell me " * 60}, {"role": "assistant", "content": "ok"}]}
-    bundle, ctx, samples = loaded([record, *chat_records(3)], max_length=56)
-    prepared = modality.prepare(bundle, samples, ctx, training=True)
+    run, samples = loaded([record, *chat_records(3)], max_length=56)
+    prepared = run.prepare(samples, training=True)
     assert prepared.stats["dropped_no_target"] == 1
     assert prepared.stats["items"] == len(samples) - 1
 
@@ -119,7 +126,7 @@ def test_pack_fills_rows_without_splitting_samples():
     assert sorted(len(r["input_ids"]) for r in rows) == [5, 8, 10]
     for row in rows:
         starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
-        assert all(row["labels"][s] == IGNORE for s in starts)
+        assert all(row["labels"][s] == IGNORE_INDEX for s in starts)
     assert sum(r["position_ids"].count(0) for r in rows) == 5
 
 
@@ -142,20 +149,15 @@ def per_sample_losses(model, batch):
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_packed_batch_gives_the_same_per_sample_losses(loaded, modality, kind):
+def test_packed_batch_gives_the_same_per_sample_losses(loaded, kind):
     records = chat_records(6) + prompt_records(0)
-    bundle, ctx, samples = loaded(records, kind=kind, max_length=128)
-    model = bundle.model.eval()
-    plain = modality.prepare(bundle, samples, ctx, training=False)
-    packed = modality.prepare(
-        bundle,
-        samples,
-        make_ctx(ctx.config.model_copy(update={"settings": ctx.settings.model_copy(update={"packing": True})})),
-        True,
-    )
+    run, samples = loaded(records, kind=kind, max_length=128, packing=True)
+    model = run.model.eval()
+    plain = run.prepare(samples, training=False)  # held-out splits are never packed
+    packed = run.prepare(samples, training=True)
     assert len(packed.items) < len(plain.items)
-    unpacked_losses = per_sample_losses(model, collate_items(plain.items, bundle.processor.pad_token_id))
-    packed_losses = per_sample_losses(model, collate_items(packed.items, bundle.processor.pad_token_id))
+    unpacked_losses = per_sample_losses(model, collate_items(plain.items, run.tokenizer.pad_token_id))
+    packed_losses = per_sample_losses(model, collate_items(packed.items, run.tokenizer.pad_token_id))
     assert len(unpacked_losses) == len(packed_losses) == len(samples)
     assert packed_losses == pytest.approx(unpacked_losses, abs=1e-4)
 
@@ -180,47 +182,40 @@ def test_packing_probe_detects_contamination(tiny_llama):
     assert not isolated and gap > 1e-3
 
 
-def test_packing_refused_for_a_model_that_would_mix_samples(loaded, modality, monkeypatch):
-    bundle, ctx, samples = loaded(chat_records(4), packing=True)
+def test_packing_refused_for_a_model_that_would_mix_samples(loaded, monkeypatch):
+    run, samples = loaded(chat_records(4), packing=True)
     monkeypatch.setattr("polyadapt_text.batching.packing_isolated", lambda model, vocab: (False, 0.5))
     with pytest.raises(ConfigError, match="text.packing"):
-        modality.prepare(bundle, samples, ctx, training=True)
+        run.prepare(samples, training=True)
 
 
-def test_packing_is_rejected_with_prefix_tuning(loaded, modality):
-    bundle, ctx, samples = loaded(chat_records(4), packing=True)
-    config = ctx.config.model_copy(update={"peft": ctx.config.peft.model_copy(update={"method": "prefix"})})
-    with pytest.raises(ConfigError, match="prefix"):
-        modality.add_adapter(bundle, make_ctx(config))
-
-
-def test_collate_pads_right_and_marks_padding(loaded, modality):
-    bundle, ctx, samples = loaded(chat_records(3))
-    items = modality.prepare(bundle, samples, ctx, training=False).items
-    batch = modality.collate(bundle, items, training=False)
+def test_collate_pads_right_and_marks_padding(loaded):
+    run, samples = loaded(chat_records(3))
+    items = run.prepare(samples, training=False).items
+    batch = run.collate(items, training=False)
     lengths = [len(i["input_ids"]) for i in items]
     assert batch["input_ids"].shape == (len(items), max(lengths))
     assert batch["attention_mask"].sum(dim=1).tolist() == lengths
-    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE).all()
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
 
 
-def test_held_out_loss_is_a_per_token_mean(loaded, modality):
+def test_held_out_loss_is_a_per_token_mean(loaded):
     """Batches with different numbers of target tokens: the core's held-out loss equals the mean over all tokens."""
     from accelerate import Accelerator
 
     from polyadapt.training import evaluate_loss
 
     records = [{"prompt": f"Question {i}?", "completion": " answer" * (1 + 6 * i)} for i in range(4)]
-    bundle, ctx, samples = loaded(records)
-    prepared = modality.prepare(bundle, samples, ctx, False)
+    run, samples = loaded(records)
+    prepared = run.prepare(samples, False)
     token_losses = []
     with torch.no_grad():
         for item in prepared.items:
-            batch = collate_items([item], bundle.processor.pad_token_id)
-            logits, targets, _ = target_logits(bundle.model, batch)
+            batch = collate_items([item], run.tokenizer.pad_token_id)
+            logits, targets, _ = target_logits(run.model, batch)
             token_losses.append(torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none"))
     expected = float(torch.cat(token_losses).mean())
-    measured = evaluate_loss(Accelerator(cpu=True), modality, bundle, bundle.model, prepared, batch_size=2)
+    measured = evaluate_loss(Accelerator(cpu=True), run, run.model, prepared, batch_size=2)
     assert abs(measured - expected) < 1e-5
     by_sample = sum(float(t.mean()) for t in token_losses) / len(token_losses)
     assert abs(by_sample - expected) > 1e-3  # the case where a per-sample mean would be wrong
@@ -235,22 +230,22 @@ def lora_gradients(model, batch, fused):
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 @pytest.mark.parametrize("packing", [False, True])
-def test_fused_loss_gives_the_same_loss_and_adapter_gradients(loaded, modality, kind, packing):
-    bundle, ctx, samples = loaded(chat_records(6) + prompt_records(3), kind=kind, max_length=128, packing=packing)
-    modality.add_adapter(bundle, ctx)
-    prepared = modality.prepare(bundle, samples, ctx, training=True)
-    assert bundle.components["fused_loss"] and prepared.stats["fused_loss"]
-    assert fusable_head(bundle.model) is not None
-    batch = modality.collate(bundle, prepared.items, training=True)
-    bundle.model.eval()  # GPT-2's dropout would make two passes differ
-    plain_loss, plain = lora_gradients(bundle.model, batch, fused=False)
-    fused_loss, fused = lora_gradients(bundle.model, batch, fused=True)
+def test_fused_loss_gives_the_same_loss_and_adapter_gradients(loaded, kind, packing):
+    run, samples = loaded(chat_records(6) + prompt_records(3), kind=kind, max_length=128, packing=packing)
+    run.add_adapter()
+    prepared = run.prepare(samples, training=True)
+    assert run.fused_loss is True and prepared.stats["fused_loss"] is True
+    assert plain_linear_head(run.model) is not None
+    batch = run.collate(prepared.items, training=True)
+    run.model.eval()  # GPT-2's dropout would make two passes differ
+    plain_loss, plain = lora_gradients(run.model, batch, fused=False)
+    fused_loss, fused = lora_gradients(run.model, batch, fused=True)
     torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-5, atol=1e-5)
     assert plain.keys() == fused.keys() and plain
     for name in plain:
         torch.testing.assert_close(fused[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
-    # the modality's own loss takes the fused path and still gives the plain value
-    torch.testing.assert_close(modality.compute_loss(bundle, bundle.model, batch).detach(), plain_loss)
+    # the run's own loss takes the fused path and still gives the plain value
+    torch.testing.assert_close(run.loss(run.model, batch).detach(), plain_loss)
 
 
 def test_fused_loss_is_not_used_for_a_model_that_transforms_its_logits(tmp_path):
@@ -269,13 +264,12 @@ def test_fused_loss_is_not_used_for_a_model_that_transforms_its_logits(tmp_path)
     assert fused_loss_matches(model, 384)[0]
 
 
-def test_fused_loss_switch_and_adapted_heads(loaded, modality):
-    bundle, ctx, samples = loaded(chat_records(3), fused_loss=False)
-    modality.prepare(bundle, samples, ctx, training=True)
-    assert bundle.components["fused_loss"] is False
+def test_fused_loss_switch_and_adapted_heads(loaded):
+    run, samples = loaded(chat_records(3), fused_loss=False)
+    assert run.prepare(samples, training=True).stats["fused_loss"] is False
+    assert run.fused_loss is False
     # a LoRA on the output head itself replaces the plain linear layer: nothing to fuse
-    bundle, ctx, samples = loaded(chat_records(3))
-    config = ctx.config.model_copy(update={"peft": ctx.config.peft.model_copy(update={"target_modules": ["lm_head"]})})
-    modality.add_adapter(bundle, make_ctx(config))
-    assert fusable_head(bundle.model) is None
-    assert not fused_loss_matches(bundle.model, 384)[0]
+    adapted_head = open_run(with_settings(run.ctx.config, "peft", target_modules=["lm_head"]))
+    adapted_head.add_adapter()
+    assert plain_linear_head(adapted_head.model) is None
+    assert not fused_loss_matches(adapted_head.model, 384)[0]

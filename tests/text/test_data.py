@@ -7,8 +7,20 @@ import json
 import pytest
 
 from polyadapt.errors import DataError
-from polyadapt_text.data import load_text_dataset, read_jsonl
-from tests.text.builders import chat_records, prompt_records, text_records, write_jsonl
+from polyadapt.modality import DataContext
+from polyadapt_text.data import read_jsonl, read_text_dataset
+from tests.text.builders import chat_records, make_config, prompt_records, text_records, write_jsonl
+
+
+@pytest.fixture
+def load(tiny_llama, modality):
+    """A function: (data path, config sections) -> the dataset as polyadapt uses it (held-out split chosen)."""
+
+    def load(path, **sections):
+        config = make_config(tiny_llama, path, **sections)
+        return modality.load_data(DataContext(config=config, path=path))
+
+    return load
 
 
 @pytest.mark.parametrize(
@@ -26,10 +38,10 @@ def test_format_detected_per_file(tmp_path, records, expected):
     assert [s.format for s in samples] == [expected] * 3
 
 
-def test_each_file_of_a_directory_gets_its_own_format(tmp_path):
+def test_each_file_of_a_directory_gets_its_own_format(tmp_path, load):
     write_jsonl(tmp_path / "train.jsonl", prompt_records(4))
     write_jsonl(tmp_path / "validation.jsonl", chat_records(2))
-    splits = load_text_dataset(tmp_path)
+    splits = load(tmp_path)
     assert splits.details["formats"] == {"train.jsonl": "prompt_completion", "validation.jsonl": "chat"}
     assert (len(splits.train), len(splits.validation)) == (4, 2)
 
@@ -129,51 +141,82 @@ def test_bad_samples_reach_the_core_policy(tmp_path, modality, tiny_llama):
     assert skipped[0]["line"] == 5
 
 
-def test_missing_train_file_is_a_data_error(tmp_path):
+def test_directory_without_a_split_is_a_data_error(tmp_path, load):
     (tmp_path / "notes.txt").write_text("x")
+    assert read_text_dataset(tmp_path).splits == {}
     with pytest.raises(DataError, match="expected train.jsonl"):
-        load_text_dataset(tmp_path)
+        load(tmp_path)
 
 
-def test_holdout_is_deterministic_and_recorded(tmp_path):
-    write_jsonl(tmp_path / "train.jsonl", chat_records(30))
-    first = load_text_dataset(tmp_path, holdout=0.2, seed=5)
-    again = load_text_dataset(tmp_path, holdout=0.2, seed=5)
-    other = load_text_dataset(tmp_path, holdout=0.2, seed=6)
-    assert len(first.validation) == 6 and len(first.train) == 24
-    assert first.details["holdout"]["records"] == again.details["holdout"]["records"]
-    assert first.details["holdout"]["records"] != other.details["holdout"]["records"]
-    assert first.details["holdout"]["fraction"] == 0.2
-
-
-def test_test_file_serves_as_held_out_split(tmp_path):
+def test_only_the_splits_found_are_read(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", chat_records(5))
     write_jsonl(tmp_path / "test.jsonl", chat_records(2, offset=50))
-    splits = load_text_dataset(tmp_path)
-    assert len(splits.validation) == 2 and splits.details["validation_file"] == "test.jsonl"
+    found = read_text_dataset(tmp_path)
+    assert {split: len(samples) for split, samples in found.splits.items()} == {"train": 5, "test": 2}
+    assert [f.name for f in found.files] == ["train.jsonl", "test.jsonl"]
 
 
-def test_exact_and_near_duplicates_dropped_with_counts(tmp_path):
+def test_holdout_is_cut_by_the_core_deterministically(tmp_path, load):
+    write_jsonl(tmp_path / "train.jsonl", chat_records(30))
+    first = load(tmp_path, data={"holdout": 0.2}, train={"seed": 5})
+    again = load(tmp_path, data={"holdout": 0.2}, train={"seed": 5})
+    other = load(tmp_path, data={"holdout": 0.2}, train={"seed": 6})
+    assert len(first.validation) == 6 and len(first.train) == 24
+    assert first.heldout["source"] == "holdout" and first.heldout["fraction"] == 0.2
+    assert first.heldout["indices"] == again.heldout["indices"] != other.heldout["indices"]
+    assert [s.where for s in first.validation] == [s.where for s in again.validation]
+
+
+def test_single_jsonl_file_is_the_train_split(tmp_path, load):
+    path = write_jsonl(tmp_path / "notes.jsonl", text_records(10))
+    splits = load(path)
+    assert splits.heldout["source"] == "holdout"
+    assert len(splits.train) + len(splits.validation) == 10 and splits.validation
+
+
+def test_test_file_serves_as_held_out_split(tmp_path, load):
+    write_jsonl(tmp_path / "train.jsonl", chat_records(5))
+    write_jsonl(tmp_path / "test.jsonl", chat_records(2, offset=50))
+    splits = load(tmp_path)
+    assert len(splits.validation) == 2 and splits.heldout == {"source": "test"}
+
+
+def test_validation_file_wins_over_test_file(tmp_path, load):
+    write_jsonl(tmp_path / "train.jsonl", chat_records(5))
+    write_jsonl(tmp_path / "validation.jsonl", chat_records(3, offset=50))
+    write_jsonl(tmp_path / "test.jsonl", chat_records(2, offset=70))
+    splits = load(tmp_path)
+    assert len(splits.validation) == 3 and splits.heldout == {"source": "validation"}
+    assert any("both validation.jsonl and test.jsonl" in w for w in splits.warnings)
+
+
+def test_held_out_file_alone_gives_an_empty_train(tmp_path, load):
+    write_jsonl(tmp_path / "validation.jsonl", chat_records(3))
+    splits = load(tmp_path)
+    assert len(splits.train) == 0 and len(splits.validation) == 3
+
+
+def test_exact_and_near_duplicates_dropped_with_counts(tmp_path, load):
     records = chat_records(4)
     near = json.loads(json.dumps(records[1]))
     near["messages"][0]["content"] = near["messages"][0]["content"].upper() + "!!"
     write_jsonl(tmp_path / "train.jsonl", [*records, records[0], records[0], near])
     write_jsonl(tmp_path / "validation.jsonl", chat_records(1, offset=70))
-    splits = load_text_dataset(tmp_path)
+    splits = load(tmp_path)
     assert len(splits.train) == 4
     assert splits.dropped == {"exact_duplicate": 2, "near_duplicate": 1}
     assert any("duplicate" in w for w in splits.warnings)
-    kept = load_text_dataset(tmp_path, drop_duplicates=False)
+    kept = load(tmp_path, text={"drop_duplicates": False})
     assert len(kept.train) == 7 and kept.dropped == {}
 
 
-def test_leakage_between_train_and_validation_is_reported(tmp_path):
+def test_leakage_between_train_and_validation_is_reported(tmp_path, load):
     records = chat_records(6)
     leaked = json.loads(json.dumps(records[2]))
     leaked["messages"][1]["content"] = leaked["messages"][1]["content"].lower()
     write_jsonl(tmp_path / "train.jsonl", records)
     write_jsonl(tmp_path / "validation.jsonl", [leaked, *chat_records(2, offset=40)])
-    splits = load_text_dataset(tmp_path)
+    splits = load(tmp_path)
     assert splits.details["leakage"]["count"] == 1
     assert splits.details["leakage"]["pairs"][0] == [
         f"{tmp_path / 'validation.jsonl'}:1",

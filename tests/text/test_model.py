@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from polyadapt.errors import ConfigError
-from tests.text.builders import CHAT_TEMPLATE, chat_records, make_config, make_ctx, write_jsonl
+from tests.text.builders import CHAT_TEMPLATE, chat_records, make_config, open_run, write_jsonl
 
 torch = pytest.importorskip("torch")
 
@@ -102,22 +102,22 @@ def tiny_gguf(tiny_bases, tmp_path_factory) -> Path:
     return path
 
 
-def test_gguf_file_loads_with_the_same_weights_and_tokenizer(tiny_gguf, tiny_bases, tmp_path, modality):
+def test_gguf_file_loads_with_the_same_weights_and_tokenizer(tiny_gguf, tiny_bases, tmp_path):
     write_jsonl(tmp_path / "data" / "train.jsonl", chat_records(3))
-    from_gguf = modality.load_base(make_ctx(make_config(tiny_gguf, tmp_path / "data")))
-    from_dir = modality.load_base(make_ctx(make_config(tiny_bases["llama"], tmp_path / "data")))
+    from_gguf = open_run(make_config(tiny_gguf, tmp_path / "data"))
+    from_dir = open_run(make_config(tiny_bases["llama"], tmp_path / "data"))
     assert from_gguf.info["gguf_file"] == tiny_gguf.name
     text = "The Anchor Card daily ATM limit is $800."
-    ids = from_dir.processor(text, return_tensors="pt")["input_ids"]
-    assert from_gguf.processor(text, return_tensors="pt")["input_ids"].tolist() == ids.tolist()
+    ids = from_dir.tokenizer(text, return_tensors="pt")["input_ids"]
+    assert from_gguf.tokenizer(text, return_tensors="pt")["input_ids"].tolist() == ids.tolist()
     with torch.no_grad():
         expected = from_dir.model(input_ids=ids).logits
         got = from_gguf.model(input_ids=ids).logits
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
-    assert from_gguf.processor.chat_template == CHAT_TEMPLATE
+    assert from_gguf.tokenizer.chat_template == CHAT_TEMPLATE
 
 
-def test_directory_holding_one_gguf_loads_it(tiny_gguf, tmp_path, modality):
+def test_directory_holding_one_gguf_loads_it(tiny_gguf, tmp_path):
     from polyadapt.config import ResolvedBase
     from polyadapt_text.model import base_location
 
@@ -145,7 +145,7 @@ def test_bad_base_references_name_the_problem(tmp_path, make, message):
         base_location(ResolvedBase(reference="base", path=make(directory)))
 
 
-def test_pickle_weights_are_refused(tiny_bases, tmp_path, modality):
+def test_pickle_weights_are_refused(tiny_bases, tmp_path):
     from transformers import AutoModelForCausalLM
 
     unsafe = tmp_path / "unsafe"
@@ -158,7 +158,7 @@ def test_pickle_weights_are_refused(tiny_bases, tmp_path, modality):
         (unsafe / name).write_bytes((tiny_bases["llama"] / name).read_bytes())
     write_jsonl(tmp_path / "data" / "train.jsonl", chat_records(3))
     with pytest.raises(ConfigError, match="cannot load"):
-        modality.load_base(make_ctx(make_config(unsafe, tmp_path / "data")))
+        open_run(make_config(unsafe, tmp_path / "data"))
 
 
 @pytest.mark.parametrize(
@@ -184,14 +184,12 @@ def test_plugin_import_stays_light():
 
 
 @pytest.mark.parametrize("enabled", [True, False])
-def test_gradient_checkpointing_follows_the_config(tiny_llama, chat_data, modality, enabled):
-    from tests.text.builders import make_ctx
-
-    ctx = make_ctx(make_config(tiny_llama, chat_data, train={"grad_checkpointing": enabled}))
-    bundle = modality.load_base(ctx)
-    modality.add_adapter(bundle, ctx)
-    base = bundle.model.get_base_model()
-    assert bool(getattr(base, "is_activation_checkpointing", None)) is enabled
+def test_gradient_checkpointing_follows_the_config(tiny_llama, chat_data, enabled):
+    run = open_run(make_config(tiny_llama, chat_data, train={"grad_checkpointing": enabled}))
+    run.add_adapter()
+    assert bool(getattr(run.base_model, "is_activation_checkpointing", None)) is enabled
+    # checkpointing cannot use the KV cache: it is off exactly when checkpointing is on
+    assert run.base_model.config.use_cache is not enabled
 
 
 def test_quantized_gguf_base_adapts_and_exports_merged(tiny_bases, tmp_path, chat_data):
@@ -208,3 +206,14 @@ def test_quantized_gguf_base_adapts_and_exports_merged(tiny_bases, tmp_path, cha
     record = export_run(run, "merged", tmp_path / "merged")
     assert record["parity"]["max_abs_logit_gap"] <= record["parity"]["tolerance"]
     assert (tmp_path / "merged" / "model.safetensors").exists()
+    # the model card's snippet loads the GGUF base dequantised, as polyadapt did, and the adapter on it
+    from polyadapt.lifecycle import load_run
+    from tests.text.test_adapter import usage_code
+
+    namespace: dict = {}
+    exec(usage_code(run), namespace)
+    ids = namespace["tokenizer"]("What is the HarborFlex monthly fee?", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        theirs = namespace["model"].eval()(input_ids=ids).logits
+        ours = load_run(run).run.model(input_ids=ids).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)

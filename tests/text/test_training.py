@@ -77,7 +77,7 @@ def test_two_process_run_with_packing_and_the_fused_loss(tmp_path, tiny_llama, c
     result = accelerate_launch(["adapt", str(path)])
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = read_manifest(tmp_path / "run")
-    assert manifest["status"] == "complete"
-    assert manifest["data"]["prepared"]["train"]["fused_loss"] is True
-    assert manifest["training"]["samples_seen"] == 6 * 2 * 2  # two processes of batch 2
-    assert manifest["metrics"]["after"]["eval_loss"] < manifest["metrics"]["before"]["eval_loss"]
+    assert manifest.status == "complete"
+    assert manifest.data.prepared["train"]["fused_loss"] is True
+    assert manifest.training.samples_seen == 6 * 2 * 2  # two processes of batch 2
+    assert manifest.metrics.after["eval_loss"] < manifest.metrics.before["eval_loss"]

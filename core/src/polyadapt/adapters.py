@@ -76,8 +76,13 @@ def linear_module_names(model: torch.nn.Module, include: Iterable[str] = (), exc
     return names
 
 
-def count_parameters(model: torch.nn.Module) -> dict[str, int]:
-    """Trainable and total parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return {"trainable": trainable, "total": total}
+def count_parameters(modules: torch.nn.Module | list[torch.nn.Module]) -> dict[str, int]:
+    """Trainable and total parameter counts (each shared parameter once)."""
+    import torch
+
+    modules = [modules] if isinstance(modules, torch.nn.Module) else modules
+    unique = {id(p): p for m in modules for p in m.parameters()}.values()
+    return {
+        "trainable": sum(p.numel() for p in unique if p.requires_grad),
+        "total": sum(p.numel() for p in unique),
+    }

@@ -77,6 +77,11 @@ def plugins(as_json: bool) -> None:
         line = f"{info['name']}{version} [{info['status']}]"
         if info["modalities"]:
             line += f" modalities: {', '.join(info['modalities'])}"
+        for name in info["modalities"]:
+            modality = pm.modalities[name]
+            line += f"\n    {name}: peft {', '.join(modality.peft_methods)}"
+            if modality.capabilities:
+                line += f"; capabilities {', '.join(sorted(modality.capabilities))}"
         click.echo(line)
         if info["error"]:
             click.echo(f"    error: {info['error']}")
@@ -153,17 +158,23 @@ def infer(ctx: click.Context, run_dir: Path | None, args: tuple[str, ...]) -> No
     if run_dir is None or str(run_dir) in ("--help", "-h"):
         click.echo(ctx.get_help())
         return
+    from .errors import PluginError
     from .lifecycle import open_run
     from .plugins import get_plugin_manager
 
     _, _, config = open_run(run_dir)
     modality = get_plugin_manager().get_modality(config.modality)
+    if "inference" not in modality.capabilities:
+        raise PluginError(f"the {modality.name} modality has no inference")
 
     def run(**options: Any) -> None:
+        from .evaluation import evaluating
         from .lifecycle import load_run
 
         loaded = load_run(run_dir)
-        for line in modality.infer(loaded.bundle, loaded.ctx, options):
+        with evaluating(loaded.run):
+            lines = loaded.run.infer(options)
+        for line in lines:
             click.echo(line)
 
     command = click.Command(

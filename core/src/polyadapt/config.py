@@ -96,12 +96,15 @@ class TrainConfig(Section):
     )
     log_every: int = Field(1, ge=1)
     trackers: list[Literal["tensorboard"]] = Field(default_factory=list, description="accelerate trackers.")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> TrainConfig:
         if self.max_steps is not None and self.epochs is not None:
             raise ValueError("set either max_steps or epochs, not both")
+        if self.early_stopping_patience is not None and self.eval_every is None:
+            raise ValueError(
+                "early_stopping_patience needs eval_every (early stopping counts periodic evaluations); set both"
+            )
         return self
 
 
@@ -132,6 +135,12 @@ class AdaptConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     settings: Any = Field(None, exclude=True, description="The modality's own section (set by polyadapt).")
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _data_shorthand(cls, value: Any) -> Any:
+        # `data: DIR` is short for `data: {path: DIR}`
+        return {"path": value} if isinstance(value, str | Path) else value
 
     def to_dict(self) -> dict[str, Any]:
         """The fully resolved config as plain JSON-able data (what the manifest records)."""
@@ -300,10 +309,33 @@ def validate_config(
                 settings = model.model_validate(section_raw or {})
             except ValidationError as exc:
                 problems.extend(format_validation_error(exc, model, prefix=name))
+    if core is not None and modality is not None and not problems:
+        config = core.model_copy(update={"settings": settings})
+        problems.extend(modality_problems(modality, config, pm))
     if problems:
         raise ConfigError(problems, source)
     assert core is not None
     return core.model_copy(update={"settings": settings})
+
+
+def modality_problems(modality: Any, config: AdaptConfig, pm: Any) -> list[str]:
+    """What the chosen modality cannot run, found before any model loads: a PEFT method it does not train, an
+    early-stopping metric it does not report, and its own cross-section checks (``Modality.check_config``)."""
+    problems = []
+    if config.peft.method not in modality.peft_methods:
+        problems.append(
+            f"peft.method: {config.peft.method!r} is not supported by the {modality.name} modality "
+            f"(supported: {', '.join(modality.peft_methods)})"
+        )
+    metric = config.train.early_stopping_metric
+    reported = modality.reported_metrics(config) | {m.name for m in pm.metrics(modality.name)}
+    if metric not in reported:
+        problems.append(
+            f"train.early_stopping_metric: {metric!r} is not a metric the {modality.name} modality reports "
+            f"(valid: {', '.join(sorted(reported))})"
+        )
+    problems.extend(modality.check_config(config))
+    return problems
 
 
 def load_config(

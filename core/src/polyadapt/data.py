@@ -8,9 +8,13 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import DataError
+
+if TYPE_CHECKING:
+    from .config import AdaptConfig
+    from .modality import DataFound, DatasetSplits
 
 T = TypeVar("T")
 
@@ -54,7 +58,9 @@ def read_jsonl(
             problems.append(Problem(shown, f"invalid JSON: {exc.msg} (column {exc.colno})", line=number, split=split))
             continue
         if not isinstance(record, dict):
-            problems.append(Problem(shown, f"expected {expected}, got {type(record).__name__}", line=number, split=split))
+            problems.append(
+                Problem(shown, f"expected {expected}, got {type(record).__name__}", line=number, split=split)
+            )
             continue
         records.append((number, record))
     return records, problems
@@ -81,6 +87,42 @@ def deterministic_holdout(items: Sequence[T], fraction: float, seed: int) -> tup
     held = sorted(order[:count])
     held_set = set(held)
     return [x for i, x in enumerate(items) if i not in held_set], [items[i] for i in held], held
+
+
+HELDOUT_SPLITS = ("validation", "test")
+
+
+def choose_heldout(found: DataFound, config: AdaptConfig, path: Path, layout: str) -> DatasetSplits:
+    """The one held-out rule of every modality: the ``validation`` split, else ``test``, else a deterministic
+    ``data.holdout`` cut of ``train`` (seeded by ``train.seed``), recorded in ``DatasetSplits.heldout``.
+
+    A directory in which the modality found no split at all (and no bad sample either) is a :class:`DataError`
+    naming the expected ``layout``; a directory with only a held-out split gives an empty ``train``.
+    """
+    from .modality import DatasetSplits
+
+    splits = dict(found.splits)
+    if not splits and not found.problems:
+        raise DataError(f"data.path: {path} holds no dataset (expected {layout})")
+    train = list(splits.get("train", []))
+    source = next((name for name in HELDOUT_SPLITS if name in splits), None)
+    if source is not None:
+        validation = list(splits[source])
+        heldout: dict[str, Any] = {"source": source}
+    else:
+        fraction, seed = config.data.holdout, config.train.seed
+        train, validation, indices = deterministic_holdout(train, fraction, seed)
+        heldout = {"source": "holdout", "fraction": fraction, "seed": seed, "indices": indices}
+    return DatasetSplits(
+        train=train,
+        validation=validation,
+        heldout=heldout,
+        files=list(found.files),
+        problems=list(found.problems),
+        dropped=dict(found.dropped),
+        warnings=list(found.warnings),
+        details=dict(found.details),
+    )
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

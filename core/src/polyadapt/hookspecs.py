@@ -23,13 +23,16 @@ hookimpl = pluggy.HookimplMarker("polyadapt")
 def register_modalities(register):
     """Register the modality implementations this plugin provides.
 
-    A modality is what a plugin supplies to the shared lifecycle: loading the base model and its processor, reading and
-    validating data, collating batches, the loss, evaluation metrics, inference and adapter save/load. See
-    :class:`polyadapt.modality.Modality` for the full interface.
+    A modality is a stateless factory (:class:`polyadapt.modality.Modality`): it declares its config section, metrics,
+    PEFT methods and optional capabilities, reads and validates data without a model, and opens one
+    :class:`polyadapt.modality.ModalityRun` per run (``open(ctx)``), which loads the base, prepares and collates
+    batches, computes the loss, evaluates and saves/loads adapters, with every piece of per-run state as its own
+    attributes. ``polyadapt.testing`` is the conformance suite a modality should pass.
 
     :param register: a callable taking one :class:`polyadapt.modality.Modality` subclass (or instance). Its ``name``
         (for example ``"text"``) is what a config's ``modality:`` key selects and the name of the config section whose
-        schema the modality contributes (``settings_model``). Registering two modalities with one name is an error.
+        schema the modality contributes (``settings_model``). Registering two modalities with one name is an error, and
+        so is declaring a capability whose protocol the ``run_class`` does not implement.
     :return: nothing; the return value is ignored.
     """
 
@@ -76,8 +79,8 @@ def register_export_formats(register):
 
     :param register: a callable taking one :class:`polyadapt.export.ExportFormat`: ``name`` (``"merged"``, ``"ct2"``,
         ``"kohya"``...), the ``modality`` it applies to, one line of ``help``, and
-        ``export(run, output_dir) -> dict``, where ``run`` is a :class:`polyadapt.rundir.LoadedRun` (config, manifest,
-        modality and the adapted model bundle) and ``output_dir`` a new, empty directory. The returned dict (for example
+        ``export(run, output_dir) -> dict``, where ``run`` is a :class:`polyadapt.lifecycle.LoadedRun` (config,
+        typed manifest, modality, and ``run.run``: the modality's run object with the adapter attached) and ``output_dir`` a new, empty directory. The returned dict (for example
         a measured parity gap) is written to ``export.json`` beside the exported files. Raise
         :class:`polyadapt.errors.ExportError` to refuse an export; the output directory is then removed.
     :return: nothing; the return value is ignored.

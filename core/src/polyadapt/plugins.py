@@ -120,12 +120,31 @@ class PolyadaptPluginManager(pluggy.PluginManager):
                     raise PluginError(f"modality {modality!r} has no name")
                 if name in found:
                     raise PluginError(f"two plugins register the modality {name!r}: {owners[name]} and {current}")
+                from .modality import capability_problems
+
+                problems = capability_problems(instance)
+                if problems:
+                    raise PluginError("; ".join(problems))
                 found[name] = instance
                 owners[name] = current
 
             for impl in reversed(self.hook.register_modalities.get_hookimpls()):
                 current = self.get_name(impl.plugin) or repr(impl.plugin)
-                impl.function(register=register)
+                before = dict(found)
+                try:
+                    impl.function(register=register)
+                except Exception as exc:  # a plugin whose modality fails to import must not hide the others
+                    if current not in self.infos:
+                        raise
+                    for name in set(found) - set(before):
+                        del found[name], owners[name]
+                    info = self.infos[current]
+                    info.status = "failed"
+                    info.error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+                    info.hint = (
+                        f"reinstall or fix the plugin: pip install --force-reinstall {info.distribution or current}"
+                    )
+                    continue
                 if current in self.infos:
                     self.infos[current].modalities.extend(
                         n for n, o in owners.items() if o == current and n not in self.infos[current].modalities

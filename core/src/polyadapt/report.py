@@ -11,6 +11,7 @@ from .evaluation import compare
 from .manifest import write_json_atomic
 
 if TYPE_CHECKING:
+    from .evaluation import Metric
     from .modality import EvalResult, Modality
 
 REPORT_JSON = "report.json"
@@ -23,13 +24,18 @@ def write_reports(
     manifest: dict[str, Any],
     before: EvalResult | None,
     after: EvalResult,
+    *,
+    plugin_metrics: list[Metric] = (),
+    sections: list[tuple[str, str]] = (),
     general: tuple[dict | None, dict | None] | None = None,
     evaluated_on: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write both reports into ``run_dir``; return the report.json content."""
-    from .plugins import get_plugin_manager
+    """Write report.json and report.html into ``run_dir``; return the report.json content.
 
-    directions = {m.name: m.higher_is_better for m in get_plugin_manager().metrics(modality.name)}
+    ``manifest`` is the manifest's JSON content; ``plugin_metrics`` give the directions of metrics plugins add;
+    ``sections`` are the modality's own ``(title, html)`` report sections.
+    """
+    directions = {m.name: m.higher_is_better for m in plugin_metrics}
 
     def higher(name: str) -> bool:
         return directions[name] if name in directions else modality.higher_is_better(name)
@@ -48,9 +54,76 @@ def write_reports(
         "examples": {"before": (before.examples if before else [])[:20], "after": after.examples[:20]},
     }
     write_json_atomic(run_dir / REPORT_JSON, report)
-    sections = modality.report_sections(before, after, run_dir)
-    (run_dir / REPORT_HTML).write_text(_render_html(report, manifest, history, sections), encoding="utf-8")
+    (run_dir / REPORT_HTML).write_text(_render_html(report, manifest, history, list(sections)), encoding="utf-8")
     return report
+
+
+def write_model_card(run_dir: Path, modality: Modality, manifest: dict[str, Any], usage: str) -> Path:
+    """``README.md`` of the run directory: a model card written from the manifest (what the adapter is, what it was
+    trained on, what it measured before and after, how to load it without polyadapt). ``usage`` is the modality's
+    loading snippet (markdown)."""
+    base = manifest.get("base", {})
+    data = manifest.get("data", {})
+    config = manifest.get("config", {})
+    peft = config.get("peft", {})
+    metrics = manifest.get("metrics", {})
+    training = manifest.get("training") or {}
+    adapter = manifest.get("adapter") or {}
+    digests = base.get("weights_sha256") or {}
+    rows = compare(metrics.get("before"), metrics.get("after") or {}, modality.higher_is_better)
+    lines = [
+        "---",
+        "library_name: peft" if (run_dir / "adapter_config.json").exists() else "library_name: diffusers",
+        f"base_model: {base.get('hub_id') or base.get('reference')}",
+        "tags: [polyadapt, " + f"{modality.name}, {peft.get('method', 'lora')}]",
+        "---",
+        "",
+        f"# {run_dir.name}",
+        "",
+        f"A {peft.get('method', 'lora')} adapter ({modality.name}) made by polyadapt {manifest.get('polyadapt_version')}.",
+        "",
+        "## Base",
+        "",
+        f"- reference: `{base.get('reference')}`",
+        *[f"- weights sha256 `{name}`: `{digest}`" for name, digest in digests.items()],
+        "",
+        "## Data",
+        "",
+        f"- path: `{data.get('path')}`",
+        f"- fingerprint (sha256 over every file): `{(data.get('fingerprint') or {}).get('sha256')}`",
+        f"- samples: {data.get('counts', {}).get('train')} train, {data.get('counts', {}).get('validation')} held out "
+        f"(held-out split: {(data.get('heldout') or {}).get('source', '?')})",
+        "",
+        "## Adapter",
+        "",
+        f"- method: {peft.get('method')}, rank {peft.get('r')}, alpha {peft.get('alpha')}, "
+        f"targets {peft.get('target_modules')}",
+        f"- trainable parameters: {adapter.get('parameters', {}).get('trainable')} "
+        f"of {adapter.get('parameters', {}).get('total')}",
+        f"- training: {training.get('steps')} steps, {training.get('seconds')} s, seed {manifest.get('seed')}",
+        "",
+        "## Held-out metrics",
+        "",
+        "| metric | before | after |",
+        "| --- | --- | --- |",
+        *[f"| {r['metric']} | {_plain(r['before'])} | {_plain(r['after'])} |" for r in rows],
+        "",
+        "## Loading it",
+        "",
+        usage.strip(),
+        "",
+        "The full lineage is in `polyadapt.json`; `report.html` has the curves and sample outputs.",
+        "",
+    ]
+    path = run_dir / "README.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def _plain(value: Any) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _read_history(path: Path) -> list[dict[str, Any]]:

@@ -32,7 +32,7 @@ from .errors import ConfigError, TrainingDivergedError
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from .modality import Modality, ModelBundle, PreparedSplit, RunContext
+    from .modality import ModalityRun, PreparedSplit
 
 METRICS_FILE = "metrics.jsonl"
 BEST_FILE = "best.safetensors"
@@ -145,35 +145,34 @@ def count_steps(train_cfg: Any, num_items: int, global_batch: int) -> int:
 @torch.no_grad()
 def evaluate_loss(
     accelerator: Accelerator,
-    modality: Modality,
-    bundle: ModelBundle,
+    run: ModalityRun,
     model: torch.nn.Module,
     split: PreparedSplit,
     batch_size: int,
 ) -> float | None:
-    """Mean loss over ``split`` (batches weighted by ``modality.loss_weight``), sharded over processes and reduced."""
+    """Mean loss over ``split`` (batches weighted by ``run.loss_weight``), sharded over processes and reduced; the
+    model's mode and adapter weights are as before afterwards (:func:`polyadapt.evaluation.evaluating`)."""
     n = len(split.items)
     if n == 0:
         return None
-    was_training = model.training
-    model.eval()
+    from .evaluation import evaluating
+
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     indices = list(range(n))
-    for start in range(0, n, batch_size * accelerator.num_processes):
-        global_batch = indices[start : start + batch_size * accelerator.num_processes]
-        mine = global_batch[accelerator.process_index :: accelerator.num_processes]
-        if not mine:
-            continue
-        batch = modality.collate(bundle, [split.items[i] for i in mine], training=False)
-        weight = modality.loss_weight(batch)
-        batch = move_to_device(batch, accelerator.device)
-        with accelerator.autocast():
-            loss = modality.compute_loss(bundle, model, batch)
-        total[0] += loss.detach().double() * weight
-        total[1] += weight
+    with evaluating(model):
+        for start in range(0, n, batch_size * accelerator.num_processes):
+            global_batch = indices[start : start + batch_size * accelerator.num_processes]
+            mine = global_batch[accelerator.process_index :: accelerator.num_processes]
+            if not mine:
+                continue
+            batch = run.collate([split.items[i] for i in mine], training=False)
+            weight = run.loss_weight(batch)
+            batch = move_to_device(batch, accelerator.device)
+            with accelerator.autocast():
+                loss = run.loss(model, batch)
+            total[0] += loss.detach().double() * weight
+            total[1] += weight
     total = accelerator.reduce(total, reduction="sum")
-    if was_training:
-        model.train()
     return float(total[0] / total[1])
 
 
@@ -190,9 +189,7 @@ class TrainResult:
 def train_loop(
     *,
     accelerator: Accelerator,
-    modality: Modality,
-    bundle: ModelBundle,
-    ctx: RunContext,
+    run: ModalityRun,
     train_split: PreparedSplit,
     eval_split: PreparedSplit | None,
     run_dir: Path,
@@ -201,10 +198,13 @@ def train_loop(
     extra_eval: Callable[[], dict[str, float]] | None = None,
     show_progress: bool = True,
 ) -> TrainResult:
-    """Train ``bundle.model`` (its adapter parameters) on ``train_split``; return the final state and log history.
+    """Train ``run.model`` (its adapter parameters) on ``train_split``; return the final state and log history.
 
     ``extra_eval`` computes the modality's metrics when ``train.early_stopping_metric`` is not ``eval_loss``.
     """
+    from .evaluation import evaluating
+
+    ctx = run.ctx
     cfg = ctx.config.train
     eval_batch = ctx.config.eval.batch_size or cfg.batch_size
     is_main = accelerator.is_main_process
@@ -213,7 +213,7 @@ def train_loop(
         raise ConfigError(f"data.path: no training samples in {ctx.config.data.path}")
     global_batch = cfg.batch_size * accelerator.num_processes
 
-    params = [p for p in bundle.model.parameters() if p.requires_grad]
+    params = [p for m in run.trainable_modules() for p in m.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("peft: the adapter has no trainable parameters (check peft.target_modules)")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -221,7 +221,7 @@ def train_loop(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.scheduler, cfg.warmup_steps, state.total_steps)
     )
-    model, optimizer = accelerator.prepare(bundle.model, optimizer)
+    model, optimizer = accelerator.prepare(run.model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
 
     metrics_path = run_dir / METRICS_FILE
@@ -236,7 +236,7 @@ def train_loop(
         _write_metrics(metrics_path, history)
 
     stop_metric = cfg.early_stopping_metric
-    higher_better = False if stop_metric == "eval_loss" else modality.higher_is_better(stop_metric)
+    higher_better = False if stop_metric == "eval_loss" else run.modality.higher_is_better(stop_metric)
     best_path = run_dir / "checkpoints" / BEST_FILE
 
     def call(hook: str, *args: Any) -> None:
@@ -261,7 +261,7 @@ def train_loop(
     def run_eval() -> dict[str, float]:
         metrics: dict[str, float] = {}
         if eval_split is not None and len(eval_split.items):
-            loss = evaluate_loss(accelerator, modality, bundle, model, eval_split, eval_batch)
+            loss = evaluate_loss(accelerator, run, model, eval_split, eval_batch)
             if loss is not None:
                 metrics["eval_loss"] = loss
         if stop_metric != "eval_loss" and extra_eval is not None:
@@ -296,12 +296,12 @@ def train_loop(
         samples = 0
         for micro in range(cfg.grad_accum):
             indices = next(data)
-            batch = modality.collate(bundle, [train_split.items[i] for i in indices], training=True)
+            batch = run.collate([train_split.items[i] for i in indices], training=True)
             samples += batch_size_of(batch)
             batch = move_to_device(batch, accelerator.device)
             sync = micro == cfg.grad_accum - 1
             with accelerator.no_sync(model) if not sync else nullcontext(), accelerator.autocast():
-                loss = modality.compute_loss(bundle, model, batch)
+                loss = run.loss(model, batch)
                 accelerator.backward(loss / cfg.grad_accum)
             loss_sum += loss.detach().float()
         mean_loss = accelerator.reduce(loss_sum / cfg.grad_accum, reduction="mean")
@@ -357,8 +357,8 @@ def train_loop(
                 _append_metrics(metrics_path, record)
                 accelerator.log(record, step=state.step)
             if is_main:
-                modality.on_evaluate(bundle, ctx, state.step, metrics)
-                model.train()
+                with evaluating(run):
+                    run.on_evaluate(state.step, metrics)
             call("on_evaluate", state, metrics)
         if cfg.save_every and state.step % cfg.save_every == 0 and state.step < state.total_steps:
             last_checkpoint = checkpoint()
@@ -374,7 +374,7 @@ def train_loop(
 
             load_trainable_state(unwrapped, load_file(str(best_path)))
     accelerator.wait_for_everyone()
-    bundle.model = unwrapped
+    run.model = unwrapped
     call("on_train_end", state)
     return TrainResult(state=state, history=history, seconds=time.perf_counter() - started)
 

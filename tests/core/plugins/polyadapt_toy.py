@@ -1,7 +1,13 @@
 """A toy modality: a tiny regression network adapted with LoRA on synthetic data.
 
-It is installed for the core tests as a third-party plugin would be (a dist-info with an entry point), and proves every
-part of the shared lifecycle without any modality library.
+It is installed for the core tests as a third-party plugin would be (a dist-info with an entry point), proves every
+part of the shared lifecycle without any modality library, and is the example a plugin author copies:
+
+- ``ToyModality`` is the stateless factory: what it supports (``peft_methods``, ``capabilities``, ``metrics``), how to
+  read its data (``read_data``: the splits found, bad rows as Problems), cross-section checks (``check_config``);
+- ``ToyRun`` is the per-run object: the model and everything else a run needs are its attributes. It builds on
+  ``polyadapt.peft_run.PeftRun``, which supplies PEFT adapters (attach, save, load, several by name, mixed batches);
+- it passes ``polyadapt.testing``'s conformance checks (tests/core/test_conformance.py).
 """
 
 from __future__ import annotations
@@ -14,10 +20,11 @@ from pathlib import Path
 import click
 
 from polyadapt import hookimpl
-from polyadapt.data import Problem, deterministic_holdout
+from polyadapt.data import Problem, read_jsonl
 from polyadapt.evaluation import Metric
 from polyadapt.export import ExportFormat
-from polyadapt.modality import DatasetSplits, EvalResult, Modality, ModalitySettings, ModelBundle, PreparedSplit
+from polyadapt.modality import DataFound, EvalResult, Modality, ModalitySettings, PreparedSplit
+from polyadapt.peft_run import PeftRun
 
 
 class ToySettings(ModalitySettings):
@@ -75,86 +82,76 @@ def write_data(directory: Path, n: int = 64, features: int = 4, seed: int = 1, v
 
 
 class ToyModality(Modality):
+    """The modality: a stateless factory. It declares what it supports and opens a ToyRun per run."""
+
     name = "toy"
     description = "tiny regression network (tests)"
     settings_model = ToySettings
     primary_metric = "eval_loss"
-    metric_directions = {"mae": False}
+    metrics = {"mae": False}
+    peft_methods = ("lora", "dora")
+    capabilities = frozenset({"inference", "report", "multi_adapter", "batched_adapters"})
+    data_layout = "train.jsonl and validation.jsonl (rows {'x': [...], 'y': ...})"
 
-    def __init__(self) -> None:
-        self.training_calls = 0
-        self.settings = ToySettings()
-
-    def load_base(self, ctx):
-        import torch
-        from safetensors.torch import load_file
-
-        path = ctx.base.path
-        config = json.loads((path / "config.json").read_text())
-        net = build_net(config["features"], config["hidden"])
-        net.load_state_dict(load_file(str(path / "model.safetensors")))
-        self.training_calls = 0
-        self.settings = ctx.settings
-        return ModelBundle(model=net, info={"architecture": "ToyNet", "dtype": str(torch.float32)})
-
-    def default_target_modules(self, bundle, ctx):
-        from polyadapt.adapters import linear_module_names
-
-        return linear_module_names(bundle.model)
-
-    def save_adapter(self, bundle, directory):
-        bundle.model.save_pretrained(str(directory))
-
-    def load_adapter(self, bundle, directory, ctx):
-        from peft import PeftModel
-
-        bundle.model = PeftModel.from_pretrained(bundle.model, str(directory))
-
-    def load_data(self, config, path):
+    def read_data(self, ctx):
         problems, splits, files = [], {}, []
-        for split in ("train", "validation"):
-            file = Path(path) / f"{split}.jsonl"
+        for split in ("train", "validation", "test"):
+            file = Path(ctx.path) / f"{split}.jsonl"
             if not file.exists():
                 continue
             files.append(file)
+            records, bad = read_jsonl(file, str(file), split=split)
+            problems.extend(bad)
             rows = []
-            for number, line in enumerate(file.read_text().splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    problems.append(Problem(str(file), f"invalid JSON: {exc.msg}", number, split))
-                    continue
-                if not isinstance(row, dict) or "x" not in row or "y" not in row:
+            for number, row in records:
+                if "x" not in row or "y" not in row:
                     problems.append(Problem(str(file), "needs keys 'x' and 'y'", number, split))
                     continue
                 rows.append(row)
             splits[split] = rows
-        details = {}
-        if "validation" not in splits:
-            train, held, indices = deterministic_holdout(
-                splits.get("train", []), config.data.holdout, config.train.seed
-            )
-            splits["train"], splits["validation"] = train, held
-            details["holdout"] = {"fraction": config.data.holdout, "indices": indices}
-        return DatasetSplits(
-            train=splits.get("train", []),
-            validation=splits["validation"],
-            files=files,
-            problems=problems,
-            details=details,
-        )
+        return DataFound(splits=splits, files=files, problems=problems)
 
-    def prepare(self, bundle, samples, ctx, training):
+    def check_config(self, config):
+        if config.peft.method == "dora" and config.settings.hidden < 4:
+            return ["toy.hidden: dora needs at least 4 hidden units"]
+        return []
+
+    def infer_params(self):
+        return [click.Option(["--x"], required=True, help="Comma-separated features.")]
+
+
+class ToyRun(PeftRun):
+    """One run: the network and the settings are attributes of this object."""
+
+    def __init__(self, modality, ctx):
+        super().__init__(modality, ctx)
+        self.training_calls = 0
+
+    def load_base(self):
+        import torch
+        from safetensors.torch import load_file
+
+        path = self.ctx.base.path
+        config = json.loads((path / "config.json").read_text())
+        net = build_net(config["features"], config["hidden"])
+        net.load_state_dict(load_file(str(path / "model.safetensors")))
+        self.model = net
+        self.info = {"architecture": "ToyNet", "dtype": str(torch.float32)}
+
+    def target_modules(self):
+        from polyadapt.adapters import linear_module_names
+
+        return linear_module_names(self.model)
+
+    def prepare(self, samples, training):
         return PreparedSplit(items=list(samples), lengths=[len(s["x"]) for s in samples], stats={"count": len(samples)})
 
-    def collate(self, bundle, items, training):
+    def collate(self, items, training):
         import torch
 
         return {"x": torch.tensor([i["x"] for i in items]), "y": torch.tensor([i["y"] for i in items])}
 
-    def compute_loss(self, bundle, model, batch):
+    def loss(self, model, batch):
         prediction = model(batch["x"])
         loss = ((prediction - batch["y"]) ** 2).mean()
         if model.training:
@@ -164,12 +161,9 @@ class ToyModality(Modality):
                 loss = loss * float("nan")
         return loss
 
-    def evaluate(self, bundle, samples, ctx, eval_loss):
-        import torch
-
-        batch = self.collate(bundle, samples, False)
-        with torch.no_grad():
-            prediction = bundle.model(batch["x"].to(ctx.device)).cpu()
+    def evaluate(self, samples, eval_loss):
+        batch = self.collate(samples, False)
+        prediction = self.model(batch["x"].to(self.ctx.device)).cpu()
         mae = float((prediction - batch["y"]).abs().mean())
         examples = [
             {"prediction": f"{p:.3f}", "reference": f"{r:.3f}"}
@@ -177,24 +171,23 @@ class ToyModality(Modality):
         ]
         return EvalResult(metrics={"mae": mae}, examples=examples)
 
-    def infer_params(self):
-        return [click.Option(["--x"], required=True, help="Comma-separated features.")]
-
-    def infer(self, bundle, ctx, options):
+    def infer(self, options):
         import torch
 
         x = torch.tensor([[float(v) for v in options["x"].split(",")]])
-        with torch.no_grad():
-            return [f"{float(bundle.model(x)):.6f}"]
+        return [f"{float(self.model(x)):.6f}"]
 
     def report_sections(self, before, after, run_dir):
         return [("Toy predictions", f"<p>{len(after.examples)} predictions</p>")]
 
 
+ToyModality.run_class = ToyRun
+
+
 def export_merged(run, output_dir):
     from safetensors.torch import save_file
 
-    merged = run.bundle.model.merge_and_unload()
+    merged = run.run.model.merge_and_unload()
     save_file({k: v.contiguous() for k, v in merged.state_dict().items()}, str(output_dir / "model.safetensors"))
     return {"tensors": len(merged.state_dict())}
 

@@ -5,11 +5,12 @@
     dataset/
       train/metadata.jsonl      {"file_name": "lighthouse-01.png", "text": "a lighthouse at dusk"}   one per line
       train/lighthouse-01.png
-      test/metadata.jsonl       the held-out split (``validation/`` also accepted); optional
-      test/...
+      validation/metadata.jsonl  held-out split (optional); ``test/`` is read too
+      test/metadata.jsonl
 
-Without a held-out directory, ``data.holdout`` of ``train`` is cut off deterministically (seeded by ``train.seed``).
-A directory holding ``metadata.jsonl`` directly is read as a single ``train`` split.
+Every split directory found is read; polyadapt picks the held-out one by its rule for every modality (``validation``,
+else ``test``, else a ``data.holdout`` cut of ``train``). A directory holding ``metadata.jsonl`` directly is read as a
+single ``train`` split.
 
 Every sample is checked before any model loads, so ``polyadapt doctor`` lists every bad one with its file and reason:
 bad JSON line, missing ``file_name`` or caption, a path escaping the dataset root, a missing or zero-size file, a file
@@ -24,18 +25,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from polyadapt.data import Problem, deterministic_holdout, read_jsonl, resolve_inside
-from polyadapt.errors import DataError
-from polyadapt.modality import DatasetSplits
+from polyadapt.data import Problem, read_jsonl, resolve_inside
+from polyadapt.modality import DataFound
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from polyadapt.config import AdaptConfig
+    from polyadapt.modality import DataContext
 
 METADATA = "metadata.jsonl"
-TRAIN_DIRS = ("train",)
-HELDOUT_DIRS = ("test", "validation")
+#: the split directories read, each holding its own metadata.jsonl
+SPLIT_DIRS = ("train", "validation", "test")
+#: the layout, for the message when a directory holds no dataset
+LAYOUT = f"train/{METADATA} (imagefolder layout), optionally validation/{METADATA} or test/{METADATA}"
 
 
 @dataclass(frozen=True)
@@ -137,41 +139,22 @@ def read_split(
     return samples, problems, files
 
 
-def load_dataset(config: AdaptConfig, path: Path) -> DatasetSplits:
-    """The dataset at ``path`` as :class:`DatasetSplits` of :class:`ImageSample` (see the module docstring)."""
-    settings = config.settings
-    root = Path(path)
-    if not root.is_dir():
-        raise DataError(f"data.path: {root} is not a directory (expected train/{METADATA} and test/{METADATA})")
-    train_dir = next((root / d for d in TRAIN_DIRS if (root / d / METADATA).is_file()), None)
-    held_dir = next((root / d for d in HELDOUT_DIRS if (root / d / METADATA).is_file()), None)
-    if train_dir is None and held_dir is None:
-        if not (root / METADATA).is_file():
-            raise DataError(
-                f"data.path: {root} holds no {METADATA} (expected train/{METADATA}, optionally test/{METADATA})"
-            )
-        train_dir = root
+def read_dataset(ctx: DataContext) -> DataFound:
+    """Every split directory at ``ctx.path`` as :class:`ImageSample` lists (see the module docstring)."""
+    settings = ctx.settings
+    root = Path(ctx.path)
+    found = {name: root / name for name in SPLIT_DIRS if (root / name / METADATA).is_file()}
+    if not found and (root / METADATA).is_file():
+        found = {"train": root}
+    splits: dict[str, list[ImageSample]] = {}
     problems: list[Problem] = []
     files: list[Path] = []
-    train: list[ImageSample] = []
-    held: list[ImageSample] = []
-    if train_dir is not None:
-        train, found, used = read_split(root, train_dir, "train", settings)
-        problems += found
+    for name, directory in found.items():
+        splits[name], bad, used = read_split(root, directory, name, settings)
+        problems += bad
         files += used
     details: dict[str, Any] = {"layout": "imagefolder", "trigger": settings.trigger, "trigger_rule": _rule(settings)}
-    if held_dir is not None:
-        held, found, used = read_split(root, held_dir, held_dir.name, settings)
-        problems += found
-        files += used
-        details["holdout"] = f"{held_dir.name}/ directory"
-    else:
-        train, held, indices = deterministic_holdout(train, config.data.holdout, config.train.seed)
-        details["holdout"] = (
-            f"{len(indices)} of train cut off (data.holdout={config.data.holdout}, seed={config.train.seed})"
-        )
-        details["holdout_files"] = [s.key for s in held]
-    return DatasetSplits(train=train, validation=held, files=files, problems=problems, details=details)
+    return DataFound(splits=splits, files=files, problems=problems, details=details)
 
 
 def load_image(path: Path, resolution: int, center_crop: bool, rng: Any = None, flip: bool = False) -> Image.Image:

@@ -18,6 +18,8 @@ class Denoiser:
 
     #: the diffusers pipeline class names this strategy serves
     pipelines: ClassVar[tuple[str, ...]] = ("StableDiffusionPipeline",)
+    #: the pipeline attribute holding the denoiser network (also its key prefix in diffusers LoRA files)
+    component: ClassVar[str] = "unet"
     #: names of the pipeline's text encoders and tokenizers, in the order the model consumes them
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)
     tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer",)

@@ -12,7 +12,6 @@ from polyadapt.errors import ExportError
 if TYPE_CHECKING:
     from polyadapt.lifecycle import LoadedRun
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "lora.safetensors"
 #: diffusers component prefix -> kohya prefix, per pipeline (SD 1.x/2.x has one text encoder, "te"; SDXL "te1"/"te2")
 KOHYA_PREFIXES = {
@@ -31,7 +30,7 @@ SUFFIXES = (
 
 def read_lora(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The run's diffusers LoRA tensors and its per-component peft config (from the safetensors metadata)."""
-    from .model import read_lora_file
+    from .model import LORA_FILE, read_lora_file
 
     path = Path(run_dir) / LORA_FILE
     if not path.is_file():
@@ -82,7 +81,7 @@ def export_kohya(run: LoadedRun, output_dir: Path) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     tensors, configs = read_lora(run.run_dir)
-    pipeline = run.bundle.info.get("pipeline") or type(run.bundle.components["pipeline"]).__name__
+    pipeline = type(run.run.pipeline).__name__
     kohya = to_kohya(tensors, configs, pipeline)
     save_file(kohya, str(output_dir / KOHYA_FILE), metadata={"ss_network_module": "networks.lora", "format": "pt"})
     return {"file": KOHYA_FILE, "tensors": len(kohya), "pipeline": pipeline}
@@ -91,16 +90,14 @@ def export_kohya(run: LoadedRun, output_dir: Path) -> dict[str, Any]:
 @torch.no_grad()
 def probe(run: LoadedRun) -> torch.Tensor:
     """The denoiser's output on one fixed noisy latent and the empty prompt (for the parity check of a merge)."""
-    bundle = run.bundle
-    strategy = bundle.components["denoiser"]
-    unet = bundle.components["pipeline"].unet
-    settings = run.ctx.settings
-    factor = bundle.info["vae_scale_factor"]
-    size = settings.resolution // factor
+    image = run.run
+    strategy, unet = image.strategy, image.denoiser
+    settings = image.settings
+    size = settings.resolution // image.info["vae_scale_factor"]
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(1, unet.config.in_channels, size, size, generator=generator)
     device = next(unet.parameters()).device
-    cond = strategy.encode_tokens(strategy.tokenize([""]), bundle.components["text_encoders"])
+    cond = strategy.encode_tokens(strategy.tokenize([""]), image.text_encoders)
     cond.update({k: v.to(device) for k, v in strategy.extra_conditioning(1, settings.resolution).items()})
     dtype = next(unet.parameters()).dtype
     cond = {k: v.to(device, dtype) for k, v in cond.items()}
@@ -110,11 +107,10 @@ def probe(run: LoadedRun) -> torch.Tensor:
 
 def export_merged(run: LoadedRun, output_dir: Path) -> dict[str, Any]:
     """Fuse the LoRA into the denoiser (and text encoders) and save the whole pipeline; records the parity gap."""
-    pipe = run.bundle.components["pipeline"]
+    pipe = run.run.pipeline
     with_lora = probe(run)
     pipe.fuse_lora(lora_scale=1.0)
     pipe.unload_lora_weights()
-    run.bundle.model = pipe.unet
     merged = probe(run)
     gap = float((merged - with_lora).abs().max())
     scale = float(with_lora.abs().max())

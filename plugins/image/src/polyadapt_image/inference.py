@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from polyadapt.errors import ConfigError
+from polyadapt.peft_run import DEFAULT_ADAPTER
 
 if TYPE_CHECKING:
     import click
 
-    from polyadapt.modality import ModelBundle, RunContext
+    from .modality import ImageRun
 
 
 def infer_params() -> list[click.Parameter]:
@@ -42,41 +43,35 @@ def parse_adapter(value: str) -> tuple[Path, float]:
         return Path(value), 1.0
 
 
-def combine_adapters(bundle: ModelBundle, scale: float, others: list[tuple[Path, float]]) -> list[str]:
-    """Load other runs' LoRAs next to this run's and weight them all (diffusers ``set_adapters``)."""
-    from .model import ADAPTER_NAME, load_lora
+def infer(run: ImageRun, options: dict[str, Any]) -> list[str]:
+    """Generate ``--n`` images for ``--prompt`` with seeds ``--seed``, ``--seed + 1``...; write them as PNGs.
 
-    pipe = bundle.components["pipeline"]
-    names, weights = [ADAPTER_NAME], [scale]
-    for i, (run, weight) in enumerate(others):
-        if not (run / "pytorch_lora_weights.safetensors").is_file():
-            raise ConfigError(f"--adapter {run}: no pytorch_lora_weights.safetensors there (is it an image run?)")
+    The run's own LoRA (``default``) is weighted by ``--scale``; each ``--adapter`` is loaded next to it as
+    ``adapter_1``, ``adapter_2``... and all are combined (:meth:`ImageRun.combine_adapters`).
+    """
+    from .model import LORA_FILE, generate
+
+    settings = run.settings
+    weights = {DEFAULT_ADAPTER: options.get("scale", 1.0)}
+    for i, value in enumerate(options.get("adapter") or ()):
+        other, weight = parse_adapter(value)
+        if not (other / LORA_FILE).is_file():
+            raise ConfigError(f"--adapter {other}: no {LORA_FILE} there (is it an image run?)")
         name = f"adapter_{i + 1}"
-        load_lora(bundle, run, adapter_name=name)
-        names.append(name)
-        weights.append(weight)
-    pipe.set_adapters(names, adapter_weights=weights)
-    return [f"{n}={w:g}" for n, w in zip(names, weights, strict=True)]
-
-
-def infer(bundle: ModelBundle, ctx: RunContext, options: dict[str, Any]) -> list[str]:
-    """Generate ``--n`` images for ``--prompt`` with seeds ``--seed``, ``--seed + 1``...; write them as PNGs."""
-    from .model import generate
-
-    settings = ctx.settings
-    others = [parse_adapter(v) for v in options.get("adapter") or ()]
-    active = combine_adapters(bundle, options.get("scale", 1.0), others)
+        run.load_adapter(other, name)
+        weights[name] = weight
+    run.combine_adapters(weights)
     n, seed = options["n"], options["seed"]
     images = generate(
-        bundle, [options["prompt"]] * n, list(range(seed, seed + n)), settings.resolution,
+        run, [options["prompt"]] * n, list(range(seed, seed + n)), settings.resolution,
         options.get("steps") or settings.num_inference_steps,
         settings.guidance_scale if options.get("guidance") is None else options["guidance"],
     )  # fmt: skip
     out = Path(options["out"])
     out.mkdir(parents=True, exist_ok=True)
-    lines = [f"adapters: {', '.join(active)}"]
-    if bundle.components["denoiser"].truncated([options["prompt"]]):
-        window = bundle.processor.model_max_length
+    lines = [f"adapters: {', '.join(f'{n}={w:g}' for n, w in weights.items())}"]
+    if run.strategy.truncated([options["prompt"]]):
+        window = run.tokenizer.model_max_length
         lines.append(f"warning: the prompt is longer than the text encoder's {window} tokens; its end was ignored")
     for i, image in enumerate(images):
         path = out / f"{seed + i:04d}.png"

@@ -1,13 +1,17 @@
 """Loading diffusers pipelines, attaching LoRA to the denoiser, saving and loading LoRA files, generating images.
 
-``bundle.model`` is the denoiser (the UNet). ``bundle.components`` holds the whole ``pipeline`` (whose ``unet`` is
-that same module), the frozen ``vae`` and ``text_encoders``, the training ``noise_scheduler`` and the ``denoiser``
-strategy (:mod:`polyadapt_image.denoisers`).
+The functions take the run (:class:`polyadapt_image.modality.ImageRun`), which holds the ``pipeline``, its
+``denoiser`` network (the pipeline's own UNet module), the frozen ``vae`` and ``text_encoders`` and the family
+``strategy`` (:mod:`polyadapt_image.denoisers`). LoRAs live in the pipeline's modules as diffusers adapters, by name:
+the trained one is ``default``, others are loaded next to it and switched with diffusers' ``set_adapters``.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,20 +19,30 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from polyadapt.errors import ConfigError
-from polyadapt.modality import ModelBundle
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from polyadapt.config import PeftSection
     from polyadapt.modality import RunContext
+
+    from .modality import ImageRun
 
 #: the attention projections of diffusers' ``Attention`` blocks, the usual LoRA targets for style
 DEFAULT_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 #: the CLIP text encoder's attention projections, for the optional text-encoder LoRA
 DEFAULT_TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-#: the adapter name polyadapt trains under (and loads a run's LoRA under)
-ADAPTER_NAME = "default"
+#: the file a run's LoRA is saved in, at the root of the run directory (what ``pipe.load_lora_weights(dir)`` reads)
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+@contextmanager
+def quiet_adapter_warnings() -> Iterator[None]:
+    """Hide peft's warnings about a second adapter on one model and about a deleted active adapter: attaching several
+    by name is the point here, and the run chooses the active one itself."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*Already found a `peft_config` attribute.*")
+        warnings.filterwarnings("ignore", message=r".*was active which is now deleted.*")
+        yield
 
 
 def load_pipeline(ctx: RunContext) -> Any:
@@ -53,60 +67,6 @@ def load_pipeline(ctx: RunContext) -> Any:
     return pipe
 
 
-def load_base(ctx: RunContext) -> ModelBundle:
-    """Load the pipeline and split it into the trained denoiser and frozen components (see the module docstring)."""
-    import torch
-    from diffusers import DDPMScheduler
-
-    from .denoisers import denoiser_for, supported_pipelines
-
-    settings = ctx.settings
-    pipe = load_pipeline(ctx)
-    prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
-    if settings is not None and settings.prediction_type != "auto":
-        prediction = settings.prediction_type
-    strategy = denoiser_for(pipe, prediction)
-    if strategy is None:
-        raise ConfigError(
-            f"base: {ctx.base.location} is a {type(pipe).__name__}; the image modality supports "
-            f"{', '.join(supported_pipelines())}"
-        )
-    # the training objective is DDPM's whatever sampler the pipeline ships with; the sampler stays for generation
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction)
-    if prediction != pipe.scheduler.config.get("prediction_type"):
-        pipe.scheduler.register_to_config(prediction_type=prediction)
-    encoders = [getattr(pipe, name) for name in strategy.text_encoders]
-    frozen_dtype = ctx.dtype if ctx.device.type == "cuda" else torch.float32
-    for encoder in encoders:
-        encoder.requires_grad_(False).eval().to(ctx.device)
-        if frozen_dtype != torch.float32:
-            encoder.to(frozen_dtype)
-    # the VAE stays in fp32 (loaded so): SD-family VAEs overflow in fp16, and it runs once per image when cached
-    pipe.vae.requires_grad_(False).eval().to(ctx.device)
-    pipe.unet.requires_grad_(False)
-    info = {
-        "pipeline": type(pipe).__name__,
-        "denoiser": type(pipe.unet).__name__,
-        "prediction_type": prediction,
-        "vae_scale_factor": int(2 ** (len(pipe.vae.config.block_out_channels) - 1)),
-        "sample_size": int(pipe.unet.config.sample_size) if isinstance(pipe.unet.config.sample_size, int) else None,
-    }
-    tokenizers = [getattr(pipe, name) for name in strategy.tokenizers]
-    return ModelBundle(
-        model=pipe.unet,
-        processor=tokenizers[0],
-        components={
-            "pipeline": pipe,
-            "vae": pipe.vae,
-            "text_encoders": encoders,
-            "noise_scheduler": noise_scheduler,
-            "denoiser": strategy,
-            "settings": settings,
-        },
-        info=info,
-    )
-
-
 def default_targets(unet: torch.nn.Module) -> list[str]:
     """The attention projections (``to_q``, ``to_k``, ``to_v``, ``to_out.0``) that exist in ``unet``."""
     names = {name for name, _ in unet.named_modules()}
@@ -116,36 +76,26 @@ def default_targets(unet: torch.nn.Module) -> list[str]:
     return found
 
 
-def lora_config(section: PeftSection, targets: list[str]) -> Any:
-    """peft ``LoraConfig`` for the denoiser or a text encoder (LoRA and DoRA are what diffusers can load back)."""
-    from peft import LoraConfig
+def attach_lora(run: ImageRun, targets: list[str]) -> None:
+    """Inject a fresh LoRA in place (diffusers' ``add_adapter``; the text encoders' with peft when they train too);
+    only LoRA parameters stay trainable."""
+    from peft import inject_adapter_in_model
 
-    if section.method not in ("lora", "dora"):
-        raise ConfigError(f"peft.method: {section.method!r} is not supported by the image modality (use lora or dora)")
-    return LoraConfig(
-        r=section.r,
-        lora_alpha=section.alpha,
-        lora_dropout=section.dropout,
-        target_modules=targets,
-        init_lora_weights=section.init_weights,
-        use_dora=section.method == "dora",
-    )
+    from polyadapt.adapters import build_peft_config
+    from polyadapt.peft_run import DEFAULT_ADAPTER
 
-
-def attach_lora(bundle: ModelBundle, section: PeftSection, targets: list[str], train_text_encoder: bool) -> None:
-    """Inject LoRA layers in place (diffusers' ``add_adapter``); only LoRA parameters stay trainable."""
-    unet_of(bundle).add_adapter(lora_config(section, targets), adapter_name=ADAPTER_NAME)
-    if train_text_encoder:
-        from peft import inject_adapter_in_model
-
-        for encoder in bundle.components["text_encoders"]:
-            inject_adapter_in_model(lora_config(section, DEFAULT_TEXT_TARGETS), encoder, adapter_name=ADAPTER_NAME)
+    section = run.ctx.config.peft
+    run.denoiser.add_adapter(build_peft_config(section, targets), adapter_name=DEFAULT_ADAPTER)
+    if run.settings.train_text_encoder:
+        for encoder in run.text_encoders:
+            inject_adapter_in_model(build_peft_config(section, DEFAULT_TEXT_TARGETS), encoder, adapter_name=DEFAULT_ADAPTER)
             for name, param in encoder.named_parameters():
                 param.requires_grad_("lora_" in name)
 
 
 class DenoiserWithTextEncoders(torch.nn.Module):
-    """The denoiser and the text encoders as one trainable module (text-encoder LoRA), called like the denoiser."""
+    """The denoiser and the text encoders as one trainable module (text-encoder LoRA), called like the denoiser, so
+    that distributed training, gradient clipping and checkpoints see every trained weight."""
 
     def __init__(self, denoiser: Any, text_encoders: list[Any]):
         super().__init__()
@@ -156,69 +106,58 @@ class DenoiserWithTextEncoders(torch.nn.Module):
         return self.denoiser(*args, **kwargs)
 
 
-def has_adapter(bundle: ModelBundle) -> bool:
-    """Whether the bundle's denoiser carries a LoRA adapter (trained or loaded)."""
-    return bool(getattr(unet_of(bundle), "peft_config", None))
+def lora_parts(run: ImageRun) -> list[tuple[str, torch.nn.Module]]:
+    """``(component, module)`` of every pipeline part that can carry LoRA: the denoiser, then the text encoders."""
+    return [(run.strategy.component, run.denoiser), *zip(run.strategy.text_encoders, run.text_encoders, strict=True)]
 
 
-def unet_of(bundle: ModelBundle) -> Any:
-    """The denoiser module, also when text-encoder LoRA wraps it together with the text encoders."""
-    return getattr(bundle.model, "denoiser", bundle.model)
-
-
-def _adapter_state(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+def _adapter_state(module: torch.nn.Module, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    config = getattr(module, "peft_config", {}).get(ADAPTER_NAME)
+    config = getattr(module, "peft_config", {}).get(name)
     if config is None:
         return None
-    state = get_peft_model_state_dict(module, adapter_name=ADAPTER_NAME)
+    state = get_peft_model_state_dict(module, adapter_name=name)
     state = {k: v.detach().to("cpu").float().contiguous() for k, v in convert_state_dict_to_diffusers(state).items()}
     metadata = json.loads(json.dumps(config.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
     return state, metadata
 
 
-def save_lora(bundle: ModelBundle, directory: Path) -> list[Path]:
-    """Write the trained LoRA in the pipeline class's diffusers layout, loadable by ``pipe.load_lora_weights(dir)``."""
-    strategy = bundle.components["denoiser"]
+def save_lora(run: ImageRun, directory: Path, name: str) -> list[Path]:
+    """Write the LoRA ``name`` in the pipeline class's diffusers layout, loadable by ``pipe.load_lora_weights(dir)``."""
     layers, metadata = {}, {}
-    parts = [("unet", unet_of(bundle))] + [
-        (name, encoder) for name, encoder in zip(strategy.text_encoders, bundle.components["text_encoders"], strict=True)
-    ]
-    for component, module in parts:
-        found = _adapter_state(module)
+    for component, module in lora_parts(run):
+        found = _adapter_state(module, name)
         if found is not None:
             layers[component], metadata[component] = found
     directory.mkdir(parents=True, exist_ok=True)
-    strategy.save_lora(str(directory), layers, metadata)
+    run.strategy.save_lora(str(directory), layers, metadata)
     return sorted(directory.glob("pytorch_lora_weights*.safetensors"))
 
 
-def load_lora(bundle: ModelBundle, directory: Path, adapter_name: str = ADAPTER_NAME) -> None:
-    """Load a LoRA saved by :func:`save_lora` (or any diffusers/kohya LoRA file) into the bundle's pipeline.
+def load_lora(run: ImageRun, directory: Path, name: str) -> None:
+    """Load a LoRA saved by :func:`save_lora` (or any diffusers LoRA file) into the run's pipeline under ``name``.
 
     Diffusers loads text-encoder LoRA through transformers' PEFT integration, which has a minimum peft version; where
     the installed peft is older, the text-encoder part is injected with peft directly (the same layers and weights).
     """
     directory = Path(directory)
-    weights = directory / "pytorch_lora_weights.safetensors"
+    weights = directory / LORA_FILE
     if not weights.is_file():
-        raise ConfigError(f"{directory} holds no pytorch_lora_weights.safetensors")
-    pipe = bundle.components["pipeline"]
-    if transformers_peft_usable():
-        pipe.load_lora_weights(str(directory), weight_name=weights.name, adapter_name=adapter_name)
-    else:
+        raise ConfigError(f"{directory} holds no {LORA_FILE}")
+    pipe = run.pipeline
+    with quiet_adapter_warnings():
+        if transformers_peft_usable():
+            pipe.load_lora_weights(str(directory), weight_name=weights.name, adapter_name=name)
+            return
         tensors, metadata = read_lora_file(weights)
         type(pipe).load_lora_into_unet(
-            tensors, network_alphas=None, unet=pipe.unet, adapter_name=adapter_name, metadata=metadata or None,
+            tensors, network_alphas=None, unet=run.denoiser, adapter_name=name, metadata=metadata or None,
             _pipeline=pipe,
         )  # fmt: skip
-        encoders = bundle.components["denoiser"].text_encoders
-        for name, encoder in zip(encoders, bundle.components["text_encoders"], strict=True):
-            _load_text_encoder_lora(encoder, tensors, metadata, name, adapter_name)
-    # the pipeline owns the module bundle.model points at, so the adapter is already attached to bundle.model
-    bundle.model = pipe.unet
+        for component, encoder in zip(run.strategy.text_encoders, run.text_encoders, strict=True):
+            _load_text_encoder_lora(encoder, tensors, metadata, component, name)
 
 
 @lru_cache(maxsize=1)
@@ -277,59 +216,42 @@ def _load_text_encoder_lora(
 
 
 def generate(
-    bundle: ModelBundle,
-    prompts: list[str],
-    seeds: list[int],
-    resolution: int,
-    steps: int,
-    guidance: float,
-    lora_scale: float | None = None,
+    run: ImageRun, prompts: list[str], seeds: list[int], resolution: int, steps: int, guidance: float
 ) -> list[Image.Image]:
-    """One image per (prompt, seed) pair, in that order, with the bundle's current denoiser (LoRA included)."""
+    """One image per (prompt, seed) pair, in that order, with the pipeline's active LoRA(s)."""
     import torch
     from diffusers.utils import logging as diffusers_logging
 
-    pipe = bundle.components["pipeline"]
-    unet = unet_of(bundle)
-    pipe.unet = unet
-    was_training = bundle.model.training
-    bundle.model.eval()
     images = []
-    extra = {"cross_attention_kwargs": {"scale": lora_scale}} if lora_scale is not None else {}
     # diffusers warns at every call about a prompt longer than the text encoder's window; polyadapt counts such
     # captions once (prepared stats ``captions_truncated``) and says so in ``infer``
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()
     try:
-        with torch.no_grad():
-            for prompt, seed in zip(prompts, seeds, strict=True):
-                generator = torch.Generator(device="cpu").manual_seed(seed)
-                out = pipe(
-                    prompt,
-                    height=resolution,
-                    width=resolution,
-                    num_inference_steps=steps,
-                    guidance_scale=guidance,
-                    generator=generator,
-                    **extra,
-                )
-                images.append(out.images[0])
+        for prompt, seed in zip(prompts, seeds, strict=True):
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+            out = run.pipeline(
+                prompt,
+                height=resolution,
+                width=resolution,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=generator,
+            )
+            images.append(out.images[0])
     finally:
         diffusers_logging.set_verbosity(verbosity)
-        if was_training:
-            bundle.model.train()
     return images
 
 
 @torch.no_grad()
-def vae_roundtrip(bundle: ModelBundle, images: list[Image.Image]) -> list[Image.Image]:
-    """``images`` encoded (posterior mean) and decoded by the bundle's VAE: the closest the pipeline can draw them."""
+def vae_roundtrip(vae: Any, images: list[Image.Image]) -> list[Image.Image]:
+    """``images`` encoded (posterior mean) and decoded by ``vae``: the closest the pipeline can draw them."""
     import numpy as np
     from PIL import Image
 
-    from .training import pixels_of
+    from .batching import pixels_of
 
-    vae = bundle.components["vae"]
     device = next(vae.parameters()).device
     decoded = vae.decode(vae.encode(pixels_of(images).to(device)).latent_dist.mean).sample
     array = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

@@ -128,6 +128,43 @@ def read_model_bin(path: Path) -> CT2Model:
     return CT2Model(spec=spec, revision=revision, variables=variables, aliases=aliases)
 
 
+def variable_shapes(path: Path, names: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    """The shapes of the variables ``names`` of a ``model.bin``, read from the headers alone (the tensor bytes are
+    skipped, not read): enough to know a model's vocabulary and decoder length without loading it."""
+    path = Path(path)
+    wanted, shapes = set(names), {}
+    with open(path, "rb") as handle:
+
+        def take(size: int) -> bytes:
+            chunk = handle.read(size)
+            if len(chunk) != size:
+                raise ConfigError(f"{path}: truncated CTranslate2 model (needs {size} bytes at offset {handle.tell()})")
+            return chunk
+
+        def u32() -> int:
+            return struct.unpack("<I", take(4))[0]
+
+        def string() -> str:
+            return take(struct.unpack("<H", take(2))[0]).rstrip(b"\0").decode("utf-8")
+
+        version = u32()
+        if version not in SUPPORTED_BINARY_VERSIONS:
+            raise ConfigError(f"{path}: CTranslate2 binary version {version} is not supported (1 to 6 are)")
+        if version >= 2:
+            string(), u32()
+        for _ in range(u32()):
+            name = string()
+            shape = tuple(u32() for _ in range(take(1)[0]))
+            take(1)  # dtype id
+            handle.seek(u32(), 1)
+            if name in wanted:
+                shapes[name] = shape
+                if len(shapes) == len(wanted):
+                    return shapes
+    missing = sorted(wanted - set(shapes))
+    raise ConfigError(f"{path}: CTranslate2 model has no variable {', '.join(missing)}")
+
+
 def dequantized(model: CT2Model) -> dict[str, np.ndarray]:
     """Every weight as float32: int8/int16 weights divided by their ``*_scale``, float16/bfloat16 widened."""
     out: dict[str, np.ndarray] = {}
@@ -196,7 +233,9 @@ def whisper_state_dict(weights: dict[str, np.ndarray]) -> tuple[dict[str, np.nda
         """The parts encoder and decoder layers share: self-attention (fused q/k/v) and the feed-forward block."""
         attn = f"{dst}.self_attn"
         split(
-            [f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"], f"{src}/self_attention/linear_0", [True, False, True]
+            [f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"],
+            f"{src}/self_attention/linear_0",
+            [True, False, True],
         )
         linear(f"{attn}.out_proj", f"{src}/self_attention/linear_1")
         norm(f"{dst}.self_attn_layer_norm", f"{src}/self_attention/layer_norm")

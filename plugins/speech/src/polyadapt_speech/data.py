@@ -8,10 +8,11 @@
       train/clip_001.wav ...
       test/metadata.jsonl       or validation/; {"file_name": ..., "transcription": ..., "language": ...}
 
-A directory with only ``metadata.csv``/``.jsonl`` at its root (no split folders) is one training split from which
-``data.holdout`` is cut. Audio can be wav, flac, ogg or mp3 at any rate, depth and channel count: it is read with
-soundfile (librosa as a fallback), mixed to mono and resampled to 16 kHz with torchaudio. Every bad sample becomes a
-:class:`polyadapt.data.Problem` naming the metadata file and line; a bad sample is never replaced by another one.
+A directory with only ``metadata.csv``/``.jsonl`` at its root (no split folders) is one training split; polyadapt
+picks the held-out split (validation, else test, else a ``data.holdout`` cut of train). Audio can be wav, flac, ogg or
+mp3 at any rate, depth and channel count: it is read with soundfile (librosa as a fallback), mixed to mono and
+resampled to 16 kHz with torchaudio. Every bad sample becomes a :class:`polyadapt.data.Problem` naming the metadata
+file and line, never an exception; a bad sample is never replaced by another one.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from polyadapt.data import Problem, deterministic_holdout, read_jsonl, resolve_inside
+from polyadapt.data import Problem, read_jsonl, resolve_inside
+from polyadapt.modality import DataFound
 
 SAMPLE_RATE = 16_000
 MIN_SECONDS = 0.1
@@ -33,7 +35,9 @@ MAX_SECONDS = 30.0
 #: peak amplitude below which a clip counts as silent (-60 dBFS)
 SILENCE_PEAK = 1e-3
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
-HELD_OUT_SPLITS = ("validation", "test")
+SPLITS = ("train", "validation", "test")
+METADATA_FILES = ("metadata.csv", "metadata.jsonl")
+GLOSSARY_FILE = "glossary.txt"
 
 
 @dataclass
@@ -114,11 +118,14 @@ def load_split(
     *,
     split: str,
     long_form: bool = False,
-    count_tokens: Callable[[str], int] | None = None,
-    max_label_tokens: int | None = None,
+    label_problem: Callable[[str, str | None], str | None] | None = None,
 ) -> tuple[list[SpeechSample], list[Problem], list[Path]]:
-    """Validate and decode one split folder; returns its good samples, its problems and the files read."""
-    metadata = next((folder / n for n in ("metadata.csv", "metadata.jsonl") if (folder / n).is_file()), None)
+    """Validate and decode one split folder; returns its good samples, its problems and the files read.
+
+    ``label_problem(text, language)`` says why a transcription does not fit the decoder (None when it does); without
+    it (no tokenizer before the model loads) transcriptions are measured when the run prepares them.
+    """
+    metadata = next((folder / n for n in METADATA_FILES if (folder / n).is_file()), None)
     if metadata is None:
         return [], [Problem(str(folder), "no metadata.csv or metadata.jsonl", split=split)], []
     rows, problems = read_metadata(metadata)
@@ -182,14 +189,10 @@ def load_split(
             level = 20 * math.log10(peak) if peak > 0 else float("-inf")
             bad(line, f"{shown}: silent audio (peak {level:.0f} dBFS)")
             continue
-        if count_tokens is not None and max_label_tokens is not None:
-            tokens = count_tokens(text)
-            if tokens > max_label_tokens:
-                bad(
-                    line,
-                    f"{shown}: transcription is {tokens} tokens, more than the decoder allows ({max_label_tokens})",
-                )
-                continue
+        reason = label_problem(text, language) if label_problem is not None else None
+        if reason is not None:
+            bad(line, f"{shown}: {reason}")
+            continue
         samples.append(SpeechSample(audio=audio, text=text, file=str(audio_path), line=line, language=language))
     return samples, problems, files
 
@@ -204,60 +207,44 @@ def read_glossary(path: Path) -> list[str]:
     return terms
 
 
-def find_splits(path: Path) -> tuple[Path | None, Path | None]:
-    """``(train_folder, held_out_folder)`` of an audiofolder dataset; a root metadata file counts as train."""
-    train = path / "train" if (path / "train").is_dir() else None
-    held = next((path / n for n in HELD_OUT_SPLITS if (path / n).is_dir()), None)
-    if train is None and held is None and any((path / n).is_file() for n in ("metadata.csv", "metadata.jsonl")):
-        train = path
-    return train, held
+def dataset_glossary(root: Path) -> list[str]:
+    """The terms of ``glossary.txt`` next to the split folders; empty when there is none."""
+    file = Path(root) / GLOSSARY_FILE
+    return read_glossary(file) if file.is_file() else []
 
 
-def load_dataset(
+def find_splits(path: Path) -> dict[str, Path]:
+    """The split folders of an audiofolder dataset, by split name; a metadata file at the root (and no split folder)
+    is the train split."""
+    found = {name: path / name for name in SPLITS if (path / name).is_dir()}
+    if not found and any((path / n).is_file() for n in METADATA_FILES):
+        found["train"] = path
+    return found
+
+
+def read_dataset(
     path: Path,
     *,
-    holdout: float,
-    seed: int,
     long_form: bool = False,
-    count_tokens: Callable[[str], int] | None = None,
-    max_label_tokens: int | None = None,
-) -> dict[str, Any]:
-    """Read a whole audiofolder dataset: train/validation samples, problems, files, glossary and split details."""
+    label_problem: Callable[[str, str | None], str | None] | None = None,
+) -> DataFound:
+    """Every split of an audiofolder dataset found on disk, its bad samples, the files read and the glossary size."""
     path = Path(path)
-    train_dir, held_dir = find_splits(path)
-    problems: list[Problem] = []
-    files: list[Path] = []
-    details: dict[str, Any] = {}
-    if train_dir is None and held_dir is None:
-        problems.append(Problem(str(path), "no train/, validation/ or test/ folder and no metadata.csv/metadata.jsonl"))
-    options = {"long_form": long_form, "count_tokens": count_tokens, "max_label_tokens": max_label_tokens}
-    train: list[SpeechSample] = []
-    validation: list[SpeechSample] = []
-    if train_dir is not None:
-        train, found, read = load_split(train_dir, path, split="train", **options)
-        problems += found
-        files += read
-    if held_dir is not None:
-        validation, found, read = load_split(held_dir, path, split=held_dir.name, **options)
-        problems += found
-        files += read
-        details["validation"] = f"{held_dir.name}/ ({len(validation)} clips)"
-    elif train:
-        train, validation, indices = deterministic_holdout(train, holdout, seed)
-        details["validation"] = f"{len(validation)} clips held out of train/ (data.holdout={holdout}, seed={seed})"
-        details["holdout_lines"] = [s.line for s in validation]
-    glossary: list[str] = []
-    if (path / "glossary.txt").is_file():
-        glossary = read_glossary(path / "glossary.txt")
-        files.append(path / "glossary.txt")
-        details["glossary_terms"] = len(glossary)
-    details["train_seconds"] = round(sum(s.seconds for s in train), 2)
-    details["validation_seconds"] = round(sum(s.seconds for s in validation), 2)
-    return {
-        "train": train,
-        "validation": validation,
-        "problems": problems,
-        "files": files,
-        "glossary": glossary,
-        "details": details,
-    }
+    found = DataFound(splits={})
+    for split, folder in find_splits(path).items():
+        samples, problems, files = load_split(
+            folder, path, split=split, long_form=long_form, label_problem=label_problem
+        )
+        found.problems += problems
+        if not files:  # a folder without metadata is a problem, not an empty split
+            continue
+        found.splits[split] = samples
+        found.files += files
+        found.details[f"{split}_seconds"] = round(sum(s.seconds for s in samples), 2)
+    glossary = dataset_glossary(path)
+    if (path / GLOSSARY_FILE).is_file():
+        found.files.append(path / GLOSSARY_FILE)
+        found.details["glossary_terms"] = len(glossary)
+    if found.splits and not glossary:
+        found.warnings.append(f"{path}: no {GLOSSARY_FILE}, so no domain-term recall is measured")
+    return found

@@ -12,7 +12,8 @@ from functools import lru_cache
 
 import torch
 
-SAMPLE_RATE = 16_000
+from .data import SAMPLE_RATE
+
 N_FFT = 400
 HOP_LENGTH = 160
 CHUNK_SECONDS = 30

@@ -1,34 +1,34 @@
-"""The speech modality: Whisper adapted with PEFT for domain transcription."""
+"""The speech modality: Whisper adapted with PEFT for domain transcription.
+
+:class:`SpeechModality` is the stateless factory (what the modality supports, how its data is read);
+:class:`SpeechRun` is one run: the Whisper model, its processor and special tokens, the decoder sequences of the run's
+config and glossary, and the frozen-encoder cache are its attributes. Adapters (attach, save, load, several by name,
+mixed-adapter batches), gradient checkpointing and the fused head loss come from :mod:`polyadapt.peft_run`.
+"""
 
 from __future__ import annotations
 
-import random
-from collections.abc import Sequence
-from functools import lru_cache
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
 from polyadapt.errors import ConfigError, DataError
-from polyadapt.modality import (
-    DatasetSplits,
-    EvalResult,
-    Modality,
-    ModalitySettings,
-    ModelBundle,
-    PreparedSplit,
-    RunContext,
-)
+from polyadapt.modality import DataContext, DataFound, EvalResult, Modality, ModalitySettings, PreparedSplit, RunContext
+from polyadapt.peft_run import PeftRun
 
 if TYPE_CHECKING:
     import click
+    import numpy as np
     import torch
 
     from polyadapt.config import AdaptConfig
 
-#: clips shown in report.html with reference / base / adapted transcripts
-REPORT_CLIPS = 5
+    from .batching import DecoderSequences
+    from .data import SpeechSample
+    from .model import EncoderCache, WhisperTokens
 
 
 class SpeechSettings(ModalitySettings):
@@ -89,96 +89,6 @@ class SpeechSettings(ModalitySettings):
         return value
 
 
-@lru_cache(maxsize=8)
-def _glossary(path: str) -> tuple[str, ...]:
-    from .data import read_glossary
-
-    file = Path(path) / "glossary.txt"
-    return tuple(read_glossary(file)) if file.is_file() else ()
-
-
-def glossary_for(config: AdaptConfig) -> list[str]:
-    """The glossary terms of the run's dataset (``glossary.txt`` next to the split folders), possibly empty."""
-    return list(_glossary(str(Path(config.data.path).resolve())))
-
-
-def _local_tokenizer(config: AdaptConfig) -> Any:
-    """The base's tokenizer when it is available locally (exact label lengths in ``doctor``), else None."""
-    try:
-        from polyadapt.plugins import get_plugin_manager
-
-        resolved = get_plugin_manager().hook.resolve_base(reference=config.base)
-    except Exception:  # noqa: BLE001 - an unresolvable base is reported by the run itself, not by doctor
-        return None
-    path = getattr(resolved, "path", None)
-    if path is None or not Path(path).is_dir():
-        return None
-    if not any((Path(path) / name).is_file() for name in ("tokenizer.json", "vocab.json")):
-        return None
-    from .model import load_tokenizer
-
-    try:
-        return load_tokenizer(Path(path))
-    except ConfigError:
-        return None
-
-
-def pack_samples(
-    samples: Sequence[Any], gap_seconds: float, seed: int, count_tokens: Any = None, max_tokens: int | None = None
-) -> list[Any]:
-    """Join clips of the same language, in a seeded random order, into windows of at most 30 s (and, given
-    ``count_tokens``, at most ``max_tokens`` transcript tokens).
-
-    Each window's transcript is its clips' transcripts joined by spaces; the gap is digital silence.
-    """
-    import numpy as np
-
-    from .data import MAX_SECONDS, SAMPLE_RATE, SpeechSample
-
-    order = list(range(len(samples)))
-    random.Random(seed).shuffle(order)
-    gap = np.zeros(int(gap_seconds * SAMPLE_RATE), dtype=np.float32)
-    limit = int(MAX_SECONDS * SAMPLE_RATE)
-    windows: list[list[Any]] = []
-    sizes: list[int] = []
-
-    def tokens_of(text: str) -> int:
-        return count_tokens(text) if count_tokens is not None else 0
-
-    for i in order:
-        sample = samples[i]
-        for w, window in enumerate(windows):
-            used = sum(len(s.audio) for s in window) + len(gap) * len(window)
-            if window[0].language != sample.language or used + len(sample.audio) > limit:
-                continue
-            if max_tokens is not None and sizes[w] + tokens_of(" " + sample.text) > max_tokens:
-                continue
-            window.append(sample)
-            sizes[w] += tokens_of(" " + sample.text)
-            break
-        else:
-            windows.append([sample])
-            sizes.append(tokens_of(" " + sample.text))
-    packed = []
-    for window in windows:
-        parts: list[Any] = []
-        for k, sample in enumerate(window):
-            if k:
-                parts.append(gap)
-            parts.append(sample.audio)
-        first = window[0]
-        packed.append(
-            SpeechSample(
-                audio=np.concatenate(parts),
-                text=" ".join(s.text for s in window),
-                file=first.file if len(window) == 1 else f"{first.file} (+{len(window) - 1} packed)",
-                line=first.line,
-                language=first.language,
-            )
-        )
-    return packed
-
-
 class SpeechModality(Modality):
     """Whisper (transformers or CTranslate2 checkpoints) adapted on audiofolder data; WER, CER and term recall."""
 
@@ -186,277 +96,45 @@ class SpeechModality(Modality):
     description = "Whisper speech recognition: LoRA on domain recordings, WER/CER and glossary-term recall"
     settings_model = SpeechSettings
     primary_metric = "wer"
-    metric_directions: ClassVar[dict[str, bool]] = {
-        "wer": False,
-        "cer": False,
-        "term_recall": True,
-        "general_wer": False,
-        "term_occurrences": True,
-    }
+    metrics = {"eval_loss": False, "wer": False, "cer": False, "term_recall": True, "term_occurrences": True}
+    # no prefix tuning: a config asking for it is refused at validation, before any model loads
+    peft_methods = ("lora", "dora", "ia3")
+    capabilities = frozenset({"inference", "report", "multi_adapter", "batched_adapters"})
+    data_layout = (
+        "train/, validation/ or test/ folders with metadata.csv or metadata.jsonl, or a metadata file at the root"
+    )
 
-    # -- model -------------------------------------------------------------------------------------------------------
-    def load_base(self, ctx: RunContext) -> ModelBundle:
-        """Whisper from ``ctx.base`` (transformers directory, CTranslate2 directory, or hub id)."""
-        from .model import EncoderCache, load_whisper, whisper_tokens
-
-        location = ctx.base.path if ctx.base.path is not None else ctx.base.hub_id
-        model, processor, info = load_whisper(
-            location, revision=ctx.config.base_revision, trust_remote_code=ctx.config.trust_remote_code
-        )
-        tokens = whisper_tokens(processor.tokenizer, model.config.vocab_size)
-        return ModelBundle(
-            model=model,
-            processor=processor,
-            components={
-                "tokens": tokens,
-                "settings": ctx.settings,
-                "encoder_cache": EncoderCache(ctx.settings.encoder_cache_mib * 2**20),
-            },
-            info=info,
-        )
-
-    def default_target_modules(self, bundle: ModelBundle, ctx: RunContext) -> list[str]:
-        from .model import target_modules
-
-        return target_modules(bundle.model, ctx.settings.adapter_scope)
-
-    def add_adapter(self, bundle: ModelBundle, ctx: RunContext) -> None:
-        from peft import get_peft_model
-
-        from polyadapt.adapters import build_peft_config
-
-        if ctx.config.peft.method == "prefix":
-            raise ConfigError("peft.method: 'prefix' is not supported by the speech modality (use lora, dora or ia3)")
-        if ctx.config.train.grad_checkpointing:
-            bundle.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        targets = self.resolve_target_modules(bundle, ctx)
-        bundle.model = get_peft_model(bundle.model, build_peft_config(ctx.config.peft, targets))
-
-    def save_adapter(self, bundle: ModelBundle, directory: Path) -> None:
-        from .model import save_adapter
-
-        save_adapter(bundle.model, directory)
-
-    def load_adapter(self, bundle: ModelBundle, directory: Path, ctx: RunContext) -> None:
-        from .model import load_adapter
-
-        bundle.model = load_adapter(bundle.model, directory).to(ctx.device)
-        bundle.model.eval()
-
-    # -- data --------------------------------------------------------------------------------------------------------
-    def load_data(self, config: AdaptConfig, path: Path) -> DatasetSplits:
-        from .data import load_dataset
-
-        settings: SpeechSettings = config.settings or SpeechSettings()
-        tokenizer = _local_tokenizer(config)
-        count = (lambda text: len(tokenizer.encode(" " + text, add_special_tokens=False))) if tokenizer else None
-        found = load_dataset(
-            path,
-            holdout=config.data.holdout,
-            seed=config.train.seed,
-            long_form=settings.long_form,
-            count_tokens=count,
-            max_label_tokens=settings.max_label_length,
-        )
-        warnings = []
-        if not found["glossary"]:
-            warnings.append(f"{path}: no glossary.txt, so no domain-term recall is measured")
-        return DatasetSplits(
-            train=found["train"],
-            validation=found["validation"],
-            files=found["files"],
-            problems=found["problems"],
-            warnings=warnings,
-            details=found["details"],
-        )
-
-    def _prompt_ids(self, bundle: ModelBundle, settings: SpeechSettings, glossary: list[str]) -> list[int]:
-        if not settings.prompt_glossary or not glossary:
-            return []
-        tokens = bundle.components["tokens"]
-        text = bundle.processor.tokenizer.encode(" " + ", ".join(glossary) + ".", add_special_tokens=False)
-        # Whisper keeps at most half its context for the previous-text prompt
-        limit = bundle.model.config.max_target_positions // 2 - 1
-        return [tokens.prev, *text[-limit:]]
-
-    def _prefix(self, bundle: ModelBundle, settings: SpeechSettings, language: str | None) -> list[int]:
-        tokens = bundle.components["tokens"]
-        return tokens.prefix(settings.language or language, settings.task)
-
-    def prepare(self, bundle: ModelBundle, samples: Sequence[Any], ctx: RunContext, training: bool) -> PreparedSplit:
-        import torch
-
-        from polyadapt.data import Problem
-
-        from .model import clip_key
+    def read_data(self, ctx: DataContext) -> DataFound:
+        """Every split of the audiofolder dataset; with the base's tokenizer readable from its files (a local base, or
+        a hub base already in the cache), clips whose transcription does not fit the decoder are bad samples too."""
+        from .batching import DecoderSequences
+        from .data import dataset_glossary, read_dataset
+        from .model import read_vocabulary
 
         settings: SpeechSettings = ctx.settings
-        tokenizer = bundle.processor.tokenizer
-        tokens = bundle.components["tokens"]
-        prompt = self._prompt_ids(bundle, settings, glossary_for(ctx.config))
-        room = bundle.model.config.max_target_positions
-        items, lengths, problems = [], [], []
-        if training and settings.pack_clips:
-            budget = min(settings.max_label_length, room - len(prompt) - 5)
-            samples = pack_samples(
-                samples,
-                settings.pack_gap_seconds,
-                ctx.config.train.seed,
-                count_tokens=lambda text: len(tokenizer.encode(text, add_special_tokens=False)),
-                max_tokens=budget,
+        vocabulary = read_vocabulary(ctx.base, ctx.config.base_revision)
+        label_problem = None
+        if vocabulary is not None:
+            # the prompt is the run's dataset's glossary, also when reading other data (eval.general_data)
+            sequences = DecoderSequences(vocabulary, settings, dataset_glossary(Path(ctx.config.data.path)))
+            label_problem = sequences.problem
+        found = read_dataset(ctx.path, long_form=settings.long_form, label_problem=label_problem)
+        if vocabulary is None and found.splits:
+            found.warnings.append(
+                "the base's tokenizer cannot be read before the model loads: transcription lengths are checked when "
+                "the run prepares its data"
             )
-        for index, sample in enumerate(samples):
-            try:
-                prefix = self._prefix(bundle, settings, sample.language)
-            except ConfigError as exc:
-                problems.append(Problem(sample.file, str(exc), line=sample.line))
-                continue
-            # Whisper writes a space before the first word; training targets follow it
-            text = tokenizer.encode(" " + sample.text, add_special_tokens=False)
-            sequence = [*prompt, *prefix, *text, tokens.eot]
-            if len(text) > settings.max_label_length or len(sequence) > room:
-                problems.append(
-                    Problem(
-                        sample.file,
-                        f"transcription is {len(text)} tokens; the decoder fits {min(settings.max_label_length, room - len(prompt) - len(prefix) - 1)}",
-                        line=sample.line,
-                    )
-                )
-                continue
-            items.append(
-                {
-                    "audio": torch.from_numpy(sample.audio),
-                    "sequence": sequence,
-                    # targets before this position (prompt and task prefix) are given, not learned
-                    "first_target": len(prompt) + len(prefix),
-                    "index": index,
-                    "key": clip_key(sample.audio),
-                }
-            )
-            lengths.append(len(sequence))
-        if problems:
-            raise DataError("clips the model cannot take", problems)
-        seconds = sum(len(i["audio"]) for i in items) / 16_000
-        stats = {
-            "clips": len(items),
-            "seconds": round(seconds, 2),
-            "label_tokens": sum(lengths),
-            "prompt_tokens": len(prompt),
-        }
-        return PreparedSplit(items=items, lengths=lengths, stats=stats)
+        return found
 
-    def collate(self, bundle: ModelBundle, items: Sequence[Any], training: bool) -> dict[str, Any]:
-        import torch
+    def reported_metrics(self, config: AdaptConfig) -> set[str]:
+        from .data import dataset_glossary
 
-        from .features import log_mel, speed_perturb
-
-        settings: SpeechSettings = bundle.components.get("settings") or SpeechSettings()
-        clips = []
-        for item in items:
-            audio = item["audio"]
-            if training and settings.speed_perturb:
-                # torch's generator, so the run seed decides the draws
-                factor = settings.speed_factors[int(torch.randint(len(settings.speed_factors), ()))]
-                audio = speed_perturb(audio, factor)
-            clips.append(audio[: 16_000 * 30])
-        width = max(len(c) for c in clips)
-        audio = torch.zeros(len(clips), width)
-        for row, clip in enumerate(clips):
-            audio[row, : len(clip)] = clip
-        eot = bundle.components["tokens"].eot
-        longest = max(len(i["sequence"]) for i in items) - 1
-        inputs = torch.full((len(items), longest), eot, dtype=torch.long)
-        labels = torch.full((len(items), longest), -100, dtype=torch.long)
-        for row, item in enumerate(items):
-            seq = torch.tensor(item["sequence"], dtype=torch.long)
-            inputs[row, : len(seq) - 1] = seq[:-1]
-            targets = seq[1:].clone()
-            targets[: item["first_target"] - 1] = -100
-            labels[row, : len(targets)] = targets
-        batch: dict[str, Any] = {"decoder_input_ids": inputs, "labels": labels}
-        if settings.features_on_device:
-            batch["audio"] = audio
-            if not (training and settings.speed_perturb):
-                # the audio is the prepared clip itself, so its encoder output may come from the cache
-                batch["clip_keys"] = torch.tensor([item["key"] for item in items], dtype=torch.long)
-        else:
-            batch["input_features"] = log_mel(audio, bundle.processor.feature_extractor.feature_size)
-        return batch
-
-    def compute_loss(self, bundle: ModelBundle, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-
-        from .features import log_mel, spec_augment
-        from .model import decoder_loss, encoder_is_frozen
-
-        settings: SpeechSettings = bundle.components.get("settings") or SpeechSettings()
-        cache = bundle.components.get("encoder_cache")
-        augmenting = model.training and settings.specaugment
-        if "clip_keys" in batch and cache is not None and cache.budget and not augmenting and encoder_is_frozen(model):
-            hidden = cache.encode(
-                model, batch["audio"], batch["clip_keys"].tolist(), bundle.processor.feature_extractor.feature_size
-            )
-            return decoder_loss(
-                model, batch["labels"], encoder_outputs=(hidden,), decoder_input_ids=batch["decoder_input_ids"]
-            )
-        features = batch.get("input_features")
-        if features is None:
-            features = log_mel(batch["audio"], bundle.processor.feature_extractor.feature_size)
-        if model.training and settings.specaugment:
-            features = spec_augment(features, settings.freq_mask_bins, settings.time_mask_frames, settings.spec_masks)
-        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-        return decoder_loss(
-            model, batch["labels"], input_features=features.to(dtype), decoder_input_ids=batch["decoder_input_ids"]
-        )
-
-    # -- evaluation and serving --------------------------------------------------------------------------------------
-    def transcribe(
-        self, bundle: ModelBundle, audios: Sequence[Any], ctx: RunContext, language: str | None = None
-    ) -> list[str]:
-        """Transcripts of 16 kHz mono clips with the current model; clips over 30 s are chunked and stitched."""
-        from .transcribe import transcribe
-
-        settings: SpeechSettings = ctx.settings
-        batch_size = ctx.config.eval.batch_size or ctx.config.train.batch_size
-        return transcribe(
-            bundle,
-            audios,
-            device=ctx.device,
-            prefix=self._prefix(bundle, settings, language),
-            prompt=self._prompt_ids(bundle, settings, glossary_for(ctx.config)),
-            num_beams=settings.num_beams,
-            max_new_tokens=settings.max_new_tokens,
-            batch_size=batch_size,
-        )
-
-    def evaluate(
-        self, bundle: ModelBundle, samples: Sequence[Any], ctx: RunContext, eval_loss: float | None
-    ) -> EvalResult:
-        from .metrics import error_rates, term_recall
-
-        samples = list(samples)
-        predictions = self._transcribe_samples(bundle, samples, ctx)
-        references = [s.text for s in samples]
-        metrics: dict[str, float] = {}
-        if eval_loss is not None:
-            metrics["eval_loss"] = float(eval_loss)
-        metrics.update(error_rates(references, predictions))
-        metrics.update(term_recall(references, predictions, glossary_for(ctx.config)))
-        examples = [
-            {"file": s.file, "reference": s.text, "prediction": p, "seconds": round(s.seconds, 2)}
-            for s, p in zip(samples, predictions, strict=True)
-        ]
-        return EvalResult(metrics=metrics, examples=examples)
-
-    def _transcribe_samples(self, bundle: ModelBundle, samples: list[Any], ctx: RunContext) -> list[str]:
-        predictions: list[str] = [""] * len(samples)
-        by_language: dict[str | None, list[int]] = {}
-        for i, sample in enumerate(samples):
-            by_language.setdefault(sample.language, []).append(i)
-        for language, indices in by_language.items():
-            texts = self.transcribe(bundle, [samples[i].audio for i in indices], ctx, language=language)
-            for i, text in zip(indices, texts, strict=True):
-                predictions[i] = text
-        return predictions
+        reported = super().reported_metrics(config)
+        data = Path(config.data.path)
+        # term recall needs a glossary; a finished run's data may be gone, and then nothing is known about it
+        if data.is_dir() and not dataset_glossary(data):
+            reported -= {"term_recall", "term_occurrences"}
+        return reported
 
     def infer_params(self) -> list[click.Parameter]:
         import click
@@ -478,13 +156,211 @@ class SpeechModality(Modality):
             ),
         ]
 
-    def infer(self, bundle: ModelBundle, ctx: RunContext, options: dict[str, Any]) -> list[str]:
+    def usage(self, run_dir: Path, base: str) -> str:
+        from .ct2 import is_ct2_directory
+        from .data import SAMPLE_RATE
+
+        location = _local_location(base)
+        note = ""
+        if is_ct2_directory(Path(location)):
+            note = (
+                f"# {base} is a CTranslate2 model: transformers needs the same weights in transformers format;\n"
+                f"# polyadapt_speech.model.load_whisper({location!r}) converts them\n"
+            )
+        return (
+            "```python\n"
+            "from peft import PeftModel\n"
+            "from transformers import WhisperForConditionalGeneration, WhisperProcessor\n\n"
+            f"{note}"
+            f"base = WhisperForConditionalGeneration.from_pretrained({location!r})\n"
+            f"processor = WhisperProcessor.from_pretrained({location!r})\n"
+            f"model = PeftModel.from_pretrained(base, {str(run_dir)!r}).eval()\n\n"
+            f"# audio: {SAMPLE_RATE} Hz mono float32 samples, e.g. soundfile.read('call.wav', dtype='float32')[0]\n"
+            f"features = processor(audio, sampling_rate={SAMPLE_RATE}, return_tensors='pt').input_features\n"
+            "ids = model.generate(input_features=features)\n"
+            "print(processor.batch_decode(ids, skip_special_tokens=True)[0])\n"
+            "```"
+        )
+
+
+def _local_location(base: str) -> str:
+    """Where transformers finds the base: the reference itself, or the directory inside the package of a ``pkg://``
+    base."""
+    from polyadapt.builtin import PKG_SCHEME, locate_package_file
+
+    if not base.startswith(PKG_SCHEME):
+        return base
+    try:
+        return str(locate_package_file(base))
+    except ConfigError:  # the card is still written when the package is gone
+        return base
+
+
+class SpeechRun(PeftRun):
+    """One speech run. Attributes beyond :class:`polyadapt.modality.ModalityRun`'s:
+
+    ``processor`` (WhisperProcessor), ``tokens`` (the special token ids), ``sequences`` (decoder sequences of this
+    config and glossary), ``glossary`` (the terms of the run's dataset), ``encoder_cache``.
+    """
+
+    settings: SpeechSettings
+
+    def __init__(self, modality: Modality, ctx: RunContext) -> None:
+        from .data import dataset_glossary
+        from .model import EncoderCache
+
+        super().__init__(modality, ctx)
+        self.processor: Any = None
+        self.tokens: WhisperTokens | None = None
+        self.sequences: DecoderSequences | None = None
+        self.glossary: list[str] = dataset_glossary(Path(ctx.config.data.path))
+        self.encoder_cache: EncoderCache = EncoderCache(self.settings.encoder_cache_mib * 2**20)
+        # the adapter of each row while adapter_batch is active (beam search repeats them per beam)
+        self.row_adapters: list[str | None] | None = None
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    @property
+    def n_mels(self) -> int:
+        return int(self.processor.feature_extractor.feature_size)
+
+    @property
+    def batch_size(self) -> int:
+        return self.ctx.config.eval.batch_size or self.ctx.config.train.batch_size
+
+    # -- model -------------------------------------------------------------------------------------------------------
+    def load_base(self) -> None:
+        """Whisper from ``ctx.base`` (transformers directory, CTranslate2 directory, or hub id)."""
+        from .batching import DecoderSequences
+        from .model import DecoderVocabulary, load_whisper, whisper_tokens
+
+        base, config = self.ctx.base, self.ctx.config
+        location = base.path if base.path is not None else base.hub_id
+        self.model, self.processor, self.info = load_whisper(
+            location, revision=config.base_revision, trust_remote_code=config.trust_remote_code
+        )
+        self.tokens = whisper_tokens(self.tokenizer, self.model.config.vocab_size)
+        vocabulary = DecoderVocabulary(self.tokenizer, self.tokens, self.model.config.max_target_positions)
+        self.sequences = DecoderSequences(vocabulary, self.settings, self.glossary)
+
+    def target_modules(self) -> list[str]:
+        from .model import target_modules
+
+        return target_modules(self.base_model, self.settings.adapter_scope)
+
+    @contextmanager
+    def adapter_batch(self, names: Sequence[str | None]) -> Iterator[None]:
+        """Row ``i`` of every batch uses adapter ``names[i]``; transcription repeats the rows per beam itself."""
+        with super().adapter_batch(names):
+            outer, self.row_adapters = self.row_adapters, list(names)
+            try:
+                yield
+            finally:
+                self.row_adapters = outer
+
+    # -- data --------------------------------------------------------------------------------------------------------
+    def prepare(self, samples: Sequence[SpeechSample], training: bool) -> PreparedSplit:
+        from .batching import prepare_clips
+
+        config = self.ctx.config
+        return prepare_clips(
+            samples, self.sequences, training=training, seed=config.train.seed, on_bad_sample=config.data.on_bad_sample
+        )
+
+    def collate(self, items: Sequence[dict[str, Any]], training: bool) -> dict[str, Any]:
+        from .batching import collate_clips
+
+        return collate_clips(items, self.settings, eot=self.tokens.eot, n_mels=self.n_mels, training=training)
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        from .batching import batch_loss
+
+        return batch_loss(model, batch, self.settings, self.encoder_cache, self.n_mels)
+
+    def loss_weight(self, batch: dict[str, Any]) -> float:
+        from .batching import target_tokens
+
+        # the decoder loss is a mean over learned tokens, so the held-out loss is an exact per-token mean
+        return float(target_tokens(batch))
+
+    # -- evaluation and inference ------------------------------------------------------------------------------------
+    def evaluate(self, samples: Sequence[SpeechSample], eval_loss: float | None) -> EvalResult:
+        from .metrics import error_rates, term_recall
+
+        # the clips prepare keeps: those the decoder can take (the rest are bad samples, reported already)
+        samples = [s for s in samples if self.sequences.problem(s.text, s.language) is None]
+        predictions: list[str] = [""] * len(samples)
+        by_language: dict[str | None, list[int]] = {}
+        for i, sample in enumerate(samples):
+            by_language.setdefault(sample.language, []).append(i)
+        for language, indices in by_language.items():
+            texts = self.transcribe([samples[i].audio for i in indices], self.sequences.prefix(language))
+            for i, text in zip(indices, texts, strict=True):
+                predictions[i] = text
+        references = [s.text for s in samples]
+        metrics = {**error_rates(references, predictions), **term_recall(references, predictions, self.glossary)}
+        examples = [
+            {"file": s.file, "reference": s.text, "prediction": p, "seconds": round(s.seconds, 2)}
+            for s, p in zip(samples, predictions, strict=True)
+        ]
+        return EvalResult(metrics=metrics, examples=examples)
+
+    def transcribe(
+        self,
+        audios: Sequence[np.ndarray],
+        prefix: list[int] | None = None,
+        *,
+        adapters: Sequence[str | None] | None = None,
+        num_beams: int | None = None,
+    ) -> list[str]:
+        """Transcripts of 16 kHz mono clips with the current model; clips over 30 s are chunked and stitched.
+
+        :param prefix: the decoder prefix (default: ``speech.language``, else English).
+        :param adapters: the adapter of each clip (None: the base alone), decoded in mixed-adapter batches.
+        :param num_beams: beam size (default: ``speech.num_beams``).
+        """
+        from .inference import transcribe
+
+        prefix = prefix if prefix is not None else self.sequences.prefix(None)
+        beams = num_beams or self.settings.num_beams
+
+        def decode(pieces: list[np.ndarray], owners: list[int]) -> list[str]:
+            rows = self.adapter_batch([adapters[o] for o in owners]) if adapters is not None else nullcontext()
+            with rows:
+                ids = self.generate_ids(pieces, prefix, beams)
+            return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+        return transcribe(decode, audios, self.batch_size)
+
+    def generate_ids(self, audios: Sequence[np.ndarray], prefix: list[int], num_beams: int) -> torch.Tensor:
+        """Generated token ids of clips of at most 30 s in one batch (rows as :meth:`adapter_batch` set them)."""
+        from .inference import generate_ids
+
+        return generate_ids(
+            self.model,
+            audios,
+            device=self.ctx.device,
+            prefix=prefix,
+            prompt=self.sequences.prompt,
+            num_beams=num_beams,
+            max_new_tokens=self.settings.max_new_tokens,
+            cache=self.encoder_cache,
+            decoder_rows=self._beam_rows,
+        )
+
+    def _beam_rows(self, num_beams: int) -> AbstractContextManager[Any]:
+        # the encoder saw one row per clip; under beam search the decoder sees each clip's row once per beam
+        if self.row_adapters is None or num_beams == 1:
+            return nullcontext()
+        return PeftRun.adapter_batch(self, [name for name in self.row_adapters for _ in range(num_beams)])
+
+    def infer(self, options: dict[str, Any]) -> list[str]:
         from polyadapt.data import Problem
 
         from .data import AudioReadError, read_audio
-        from .transcribe import transcribe
 
-        settings: SpeechSettings = ctx.settings
         audios, problems = [], []
         for path in options["audio"]:
             try:
@@ -498,34 +374,15 @@ class SpeechModality(Modality):
             audios.append(audio)
         if problems:
             raise DataError("cannot transcribe", problems)
-        texts = transcribe(
-            bundle,
-            audios,
-            device=ctx.device,
-            prefix=self._prefix(bundle, settings, options.get("language")),
-            prompt=self._prompt_ids(bundle, settings, glossary_for(ctx.config)),
-            num_beams=options.get("num_beams") or settings.num_beams,
-            max_new_tokens=settings.max_new_tokens,
-            batch_size=ctx.config.eval.batch_size or ctx.config.train.batch_size,
-        )
+        # --language wins over speech.language here; a clip's metadata language never does
+        prefix = self.tokens.prefix(options.get("language") or self.settings.language, self.settings.task)
+        texts = self.transcribe(audios, prefix, num_beams=options.get("num_beams"))
         return [f"{path}\t{text}" for path, text in zip(options["audio"], texts, strict=True)]
 
     def report_sections(self, before: EvalResult | None, after: EvalResult, run_dir: Path) -> list[tuple[str, str]]:
-        import html
+        from .report import transcript_sections
 
-        from .metrics import marked_diff
+        return transcript_sections(before, after)
 
-        base = {e["file"]: e["prediction"] for e in before.examples} if before else {}
-        rows = []
-        for example in after.examples[:REPORT_CLIPS]:
-            name = html.escape(Path(example["file"]).name)
-            reference = html.escape(example["reference"])
-            was = marked_diff(example["reference"], base[example["file"]]) if example["file"] in base else "&mdash;"
-            now = marked_diff(example["reference"], example["prediction"])
-            rows.append(f"<tr><td>{name}</td><td>{reference}</td><td>{was}</td><td>{now}</td></tr>")
-        table = (
-            "<p>Transcripts are normalised as scored. <mark>marked</mark>: words that differ from the reference; "
-            "<del>struck</del>: reference words that are missing.</p>"
-            "<table><tr><th>clip</th><th>reference</th><th>base</th><th>adapted</th></tr>" + "".join(rows) + "</table>"
-        )
-        return [("Transcripts", table)]
+
+SpeechModality.run_class = SpeechRun

@@ -1,4 +1,5 @@
-"""Loading Whisper bases (transformers or CTranslate2 directories, hub ids), adapter targets, adapter save/load.
+"""Loading Whisper bases (transformers or CTranslate2 directories, hub ids), their tokens, adapter targets and the
+frozen-encoder cache. Adapters are saved and loaded by :class:`polyadapt.peft_run.PeftRun`.
 
 Every import of transformers/peft happens inside functions: this module sits on the import path of ``plugin.py``.
 """
@@ -12,11 +13,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from polyadapt.errors import ConfigError
+from polyadapt.peft_run import unwrap
 
-from .ct2 import dequantized, is_ct2_directory, read_model_bin, whisper_state_dict
+from .ct2 import dequantized, is_ct2_directory, read_model_bin, variable_shapes, whisper_state_dict
 
 if TYPE_CHECKING:
-    import torch
+    from polyadapt.config import ResolvedBase
 
 #: Whisper special tokens the plugin relies on (present in every Whisper tokenizer, English-only or multilingual)
 SPECIAL_TOKENS = {
@@ -84,6 +86,54 @@ def whisper_tokens(tokenizer: Any, vocab_size: int) -> WhisperTokens:
             if match and ids["sot"] < index < ids["translate"]:
                 languages[match.group(1)] = index
     return WhisperTokens(**ids, multilingual=multilingual, languages=languages)
+
+
+@dataclass(frozen=True)
+class DecoderVocabulary:
+    """What measuring a clip's decoder sequence needs: the tokenizer, the special tokens and the decoder's length."""
+
+    tokenizer: Any
+    tokens: WhisperTokens
+    max_target_positions: int
+
+
+def read_vocabulary(base: ResolvedBase | None, revision: str | None = None) -> DecoderVocabulary | None:
+    """The base's :class:`DecoderVocabulary` read from its files, never its weights (``doctor`` loads no model):
+    ``config.json`` of a transformers directory, the tensor shapes in a CTranslate2 ``model.bin`` header, or a hub
+    id's files already in the local cache. None when they are not available without a download."""
+    if base is None:
+        return None
+    try:
+        if base.path is not None:
+            return _local_vocabulary(Path(base.path))
+        return _cached_hub_vocabulary(str(base.hub_id), revision)
+    except (ConfigError, OSError, ValueError, KeyError):
+        return None
+
+
+def _local_vocabulary(path: Path) -> DecoderVocabulary | None:
+    if not path.is_dir() or not any((path / n).is_file() for n in ("tokenizer.json", "vocab.json")):
+        return None
+    if is_ct2_directory(path):
+        shapes = variable_shapes(
+            path / "model.bin", ("decoder/embeddings/weight", "decoder/position_encodings/encodings")
+        )
+        vocab_size = shapes["decoder/embeddings/weight"][0]
+        positions = shapes["decoder/position_encodings/encodings"][0]
+    else:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        vocab_size, positions = int(config["vocab_size"]), int(config["max_target_positions"])
+    tokenizer = load_tokenizer(path)
+    return DecoderVocabulary(tokenizer, whisper_tokens(tokenizer, vocab_size), positions)
+
+
+def _cached_hub_vocabulary(hub_id: str, revision: str | None) -> DecoderVocabulary:
+    from transformers import WhisperConfig, WhisperTokenizer
+
+    config = WhisperConfig.from_pretrained(hub_id, revision=revision, local_files_only=True)
+    tokenizer = WhisperTokenizer.from_pretrained(hub_id, revision=revision, local_files_only=True)
+    tokens = whisper_tokens(tokenizer, config.vocab_size)
+    return DecoderVocabulary(tokenizer, tokens, config.max_target_positions)
 
 
 def _generation_config(model_config: Any, tokens: WhisperTokens, extra: dict[str, Any]) -> Any:
@@ -252,52 +302,10 @@ def target_modules(model: Any, scope: str = "both") -> list[str]:
     return full
 
 
-def save_adapter(model: Any, directory: Path) -> None:
-    """Write the PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``) into ``directory``."""
-    model.save_pretrained(str(directory), safe_serialization=True)
-
-
-def load_adapter(model: Any, directory: Path) -> Any:
-    """Wrap a freshly loaded base with the adapter saved in ``directory`` (the standard PEFT loader)."""
-    from peft import PeftModel
-
-    if not (Path(directory) / "adapter_config.json").is_file():
-        raise ConfigError(f"{directory}: no adapter_config.json (not a speech run directory?)")
-    return PeftModel.from_pretrained(model, str(directory), is_trainable=False)
-
-
-def whisper_core(model: Any) -> Any:
-    """The ``WhisperForConditionalGeneration`` inside distributed and PEFT wrappers."""
-    inner = getattr(model, "module", model)
-    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-
-
-def decoder_loss(model: Any, labels: torch.Tensor, **inputs: Any) -> torch.Tensor:
-    """Mean cross-entropy of the decoder's predictions against ``labels`` (``-100`` left out).
-
-    The output projection and the loss are computed together, chunk by chunk
-    (:func:`polyadapt.losses.linear_cross_entropy`): Whisper's 51,865-way logits for every decoder position are never
-    held at once. The model still runs through its own ``forward`` (and any wrapper around it), up to the projection.
-    """
-    import torch
-
-    from polyadapt.losses import bypass_head, linear_cross_entropy
-
-    head = whisper_core(model).get_output_embeddings()
-    if type(head) is not torch.nn.Linear:  # an adapted projection: the model computes its logits itself
-        logits = model(**inputs).logits
-        return torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
-        )
-    with bypass_head(head):
-        hidden = model(**inputs).logits
-    return linear_cross_entropy(hidden, head.weight, labels, head.bias)
-
-
 def encoder_is_frozen(model: Any) -> bool:
     """True when the encoder's output is a fixed function of its input: no trainable or adapter parameters in it and
     no dropout or layer drop active. Only then may its outputs be cached."""
-    core = whisper_core(model)
+    core = unwrap(model)
     encoder = core.model.encoder
     for name, parameter in encoder.named_parameters():
         if parameter.requires_grad or "lora_" in name or "ia3_" in name:
@@ -332,7 +340,7 @@ class EncoderCache:
 
         from .features import log_mel
 
-        core = whisper_core(model)
+        core = unwrap(model)
         dtype = next(p.dtype for p in core.parameters() if p.is_floating_point())
         missing = [row for row, key in enumerate(keys) if key not in self.store]
         self.hits += len(keys) - len(missing)

@@ -1,7 +1,7 @@
 """From validated samples to model-ready token sequences: chat rendering, loss masks, truncation, packing, batches
 and the loss.
 
-An item is a dict of token lists: ``input_ids`` and ``labels`` (``-100`` where no loss is taken), plus
+An item is a dict of token lists: ``input_ids`` and ``labels`` (``IGNORE_INDEX`` where no loss is taken), plus
 ``position_ids`` for a packed row. In a packed row each sample's positions restart at 0 and the label of each sample's
 first token is ``-100``, so no sample is ever predicted from another; attention isolation between samples comes from the
 model's packed-sequence support (checked by :func:`packing_isolated` before packing is used).
@@ -15,13 +15,14 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from polyadapt.errors import ConfigError, DataError
+from polyadapt.evaluation import evaluating
+from polyadapt.losses import IGNORE_INDEX
+from polyadapt.peft_run import fused_head_loss, plain_linear_head, unwrap
 
 if TYPE_CHECKING:
     import torch
 
     from .data import TextSample
-
-IGNORE = -100
 
 
 # -- rendering -------------------------------------------------------------------------------------------------------
@@ -97,13 +98,13 @@ def encode(
         prompt = _ids(tokenizer, sample.prompt, special=True)
         completion = _ids(tokenizer, sample.completion) + eos
         ids = prompt + completion
-        labels = ([IGNORE] * len(prompt) if completion_only else list(prompt)) + completion
+        labels = ([IGNORE_INDEX] * len(prompt) if completion_only else list(prompt)) + completion
         return ids, labels
     ids, labels = [], []
     for text, is_reply in chat_segments(tokenizer, chat_messages(sample.messages, system_prompt)):
         piece = _ids(tokenizer, text)
         ids += piece
-        labels += piece if (is_reply or not completion_only) else [IGNORE] * len(piece)
+        labels += piece if (is_reply or not completion_only) else [IGNORE_INDEX] * len(piece)
     return ids, labels
 
 
@@ -136,11 +137,11 @@ def tokenize_samples(
             truncated += 1
             ids, labels = ids[:max_length], labels[:max_length]
         # the first token is never predicted, so it cannot be a target
-        if not any(label != IGNORE for label in labels[1:]):
+        if not any(label != IGNORE_INDEX for label in labels[1:]):
             no_target += 1
             continue
         tokens += len(ids)
-        targets += sum(label != IGNORE for label in labels[1:])
+        targets += sum(label != IGNORE_INDEX for label in labels[1:])
         items.append({"input_ids": ids, "labels": labels})
     stats = {
         "samples": len(samples),
@@ -175,7 +176,7 @@ def pack(items: Sequence[dict[str, list[int]]], max_length: int) -> list[dict[st
         for index in sorted(members):
             ids, labels = items[index]["input_ids"], items[index]["labels"]
             row["input_ids"] += ids
-            row["labels"] += [IGNORE] + labels[1:]
+            row["labels"] += [IGNORE_INDEX] + labels[1:]
             row["position_ids"] += list(range(len(ids)))
         packed.append(row)
     return packed
@@ -192,7 +193,7 @@ def collate_items(items: Sequence[dict[str, list[int]]], pad_id: int) -> dict[st
     width = max(len(item["input_ids"]) for item in items)
     packed = "position_ids" in items[0]
     input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)
     positions = torch.zeros((len(items), width), dtype=torch.long)
     for row, item in enumerate(items):
@@ -211,11 +212,6 @@ def collate_items(items: Sequence[dict[str, list[int]]], pad_id: int) -> dict[st
     return batch
 
 
-def _unwrap(model: Any) -> Any:
-    model = getattr(model, "module", model)  # DistributedDataParallel
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 @lru_cache(maxsize=32)
 def _accepts_logits_to_keep(model_class: type) -> bool:
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters
@@ -225,11 +221,11 @@ def _forward_inputs(model: Any, batch: dict[str, torch.Tensor]) -> tuple[dict[st
     """The model's keyword arguments for ``batch``, the mask of positions that predict a target, and the targets."""
     labels = batch["labels"]
     keep = labels.new_zeros(labels.shape, dtype=bool)
-    keep[:, :-1] = labels[:, 1:] != IGNORE
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     inputs: dict[str, Any] = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     # with a cache, transformers builds a plain causal mask and ignores the packed position ids
     inputs["use_cache"] = False
-    if _accepts_logits_to_keep(type(_unwrap(model))):
+    if _accepts_logits_to_keep(type(unwrap(model))):
         inputs["logits_to_keep"] = keep
     return inputs, keep, labels[:, 1:][keep[:, :-1]]
 
@@ -247,36 +243,24 @@ def target_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
     return logits, targets, keep.nonzero()
 
 
-def fusable_head(model: Any) -> torch.nn.Linear | None:
-    """The model's output head when it is a plain linear layer (not adapted itself), else None."""
-    import torch
-
-    head = _unwrap(model).get_output_embeddings()
-    return head if type(head) is torch.nn.Linear else None
-
-
 def mean_loss(model: Any, batch: dict[str, torch.Tensor], fused: bool = False) -> torch.Tensor:
     """Mean cross-entropy over every target token of the batch.
 
-    With ``fused``, the model runs up to its output head and the head and the loss are computed together, chunk by
-    chunk (:func:`polyadapt.losses.linear_cross_entropy`): the target positions' logits are never held all at once.
-    Callers check with :func:`fused_loss_matches` that the model applies its head to the hidden states and nothing
-    after it (no logit soft-capping or scaling).
+    With ``fused`` (and a plain linear output head), the head and the loss are computed together chunk by chunk
+    (:func:`polyadapt.peft_run.fused_head_loss`): the target positions' logits are never held all at once. Callers
+    check with :func:`fused_loss_matches` that the model applies its head to the hidden states and nothing after it
+    (no logit soft-capping or scaling).
     """
     import torch.nn.functional as F
 
-    head = fusable_head(model) if fused else None
+    head = plain_linear_head(model) if fused else None
     if head is None:
         logits, targets, _ = target_logits(model, batch)
         return F.cross_entropy(logits.float(), targets)
-    from polyadapt.losses import bypass_head, linear_cross_entropy
-
     inputs, keep, targets = _forward_inputs(model, batch)
-    with bypass_head(head):
-        hidden = model(**inputs).logits
-    if hidden.dim() == 3:
-        hidden = hidden[keep]
-    return linear_cross_entropy(hidden, head.weight, targets, head.bias)
+    # with logits_to_keep the model returns only the kept positions; without it, select them from every position
+    select = None if "logits_to_keep" in inputs else keep
+    return fused_head_loss(model, head, targets, select=select, **inputs)
 
 
 def fused_loss_matches(model: Any, vocab_size: int, tolerance: float = 1e-4) -> tuple[bool, float]:
@@ -287,20 +271,15 @@ def fused_loss_matches(model: Any, vocab_size: int, tolerance: float = 1e-4) -> 
     """
     import torch
 
-    if fusable_head(model) is None:
+    if plain_linear_head(model) is None:
         return False, float("inf")
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab_size, (1, 9), generator=generator)
     device = next(model.parameters()).device
     batch = {"input_ids": ids.to(device), "labels": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            plain = mean_loss(model, batch).item()
-            fused = mean_loss(model, batch, fused=True).item()
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        plain = mean_loss(model, batch).item()
+        fused = mean_loss(model, batch, fused=True).item()
     gap = abs(plain - fused) / max(1.0, abs(plain))
     return gap <= tolerance, gap
 
@@ -317,15 +296,10 @@ def packing_isolated(model: Any, vocab_size: int, tolerance: float = 1e-4) -> tu
     a = torch.randint(0, vocab_size, (1, 7), generator=generator)
     b = torch.randint(0, vocab_size, (1, 5), generator=generator)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            alone = model(input_ids=b.to(device), use_cache=False).logits
-            row = torch.cat([a, b], dim=1).to(device)
-            positions = torch.cat([torch.arange(7), torch.arange(5)]).unsqueeze(0).to(device)
-            packed = model(input_ids=row, position_ids=positions, use_cache=False).logits[:, 7:]
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        alone = model(input_ids=b.to(device), use_cache=False).logits
+        row = torch.cat([a, b], dim=1).to(device)
+        positions = torch.cat([torch.arange(7), torch.arange(5)]).unsqueeze(0).to(device)
+        packed = model(input_ids=row, position_ids=positions, use_cache=False).logits[:, 7:]
     gap = (alone.float() - packed.float()).abs().max().item()
     return gap <= tolerance * max(1.0, alone.abs().max().item()), gap

@@ -18,17 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from polyadapt.data import Problem, deterministic_holdout
+from polyadapt.data import HELDOUT_SPLITS, Problem
 from polyadapt.data import read_jsonl as read_records
-from polyadapt.errors import DataError
-from polyadapt.modality import DatasetSplits
+from polyadapt.modality import DataFound
 
 FORMATS = ("text", "prompt_completion", "chat")
 ROLES = ("system", "user", "assistant")
 OPTIONAL_KEYS = ("answer_contains", "id")
 REQUIRED_KEYS = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "chat": ("messages",)}
-TRAIN_FILE = "train.jsonl"
-HELDOUT_FILES = ("validation.jsonl", "test.jsonl")
+#: the file of each split in a dataset directory
+SPLIT_FILES = {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl"}
+#: what a dataset directory holds (the message when it holds none)
+LAYOUT = "train.jsonl with validation.jsonl or test.jsonl, any of them alone, or one JSONL file"
 LEAKAGE_SHOWN = 20
 
 
@@ -220,78 +221,53 @@ def find_leakage(train: Sequence[TextSample], validation: Sequence[TextSample]) 
     return [(s.where, seen[k]) for s in validation if (k := normalise(s.content())) in seen]
 
 
-def load_text_dataset(
-    path: Path, fmt: str = "auto", holdout: float = 0.1, seed: int = 0, drop_duplicates: bool = True
-) -> DatasetSplits:
-    """Read a dataset directory (``train.jsonl`` + ``validation.jsonl`` or ``test.jsonl``) or a single JSONL file.
+def read_text_dataset(path: Path, fmt: str = "auto", drop_duplicates: bool = True) -> DataFound:
+    """Read a dataset directory (``train.jsonl``, ``validation.jsonl``, ``test.jsonl``: the ones present) or a single
+    JSONL file (the train split).
 
-    With no held-out file, a deterministic ``holdout`` fraction of train is cut (recorded in ``details``).
+    Only the splits found are returned; polyadapt chooses the held-out one. Duplicates are dropped from train, and
+    held-out records that also appear in train are reported as leakage.
     """
     path = Path(path)
+    if path.is_file():
+        present = {"train": path}
+    elif path.is_dir():
+        present = {split: path / name for split, name in SPLIT_FILES.items() if (path / name).is_file()}
+    else:
+        present = {}
     details: dict[str, Any] = {}
     warnings: list[str] = []
-    if path.is_file():
-        train_file, heldout_file = path, None
-    elif path.is_dir():
-        train_file = path / TRAIN_FILE if (path / TRAIN_FILE).is_file() else None
-        present = [path / name for name in HELDOUT_FILES if (path / name).is_file()]
-        heldout_file = present[0] if present else None
-        if len(present) > 1:
-            warnings.append(f"both {HELDOUT_FILES[0]} and {HELDOUT_FILES[1]} exist; using {present[0].name}")
-        if train_file is None and heldout_file is None:
-            found = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
-            raise DataError(
-                f"{path}: expected {TRAIN_FILE} (and optionally validation.jsonl or test.jsonl); found {found}"
-            )
-    else:
-        raise DataError(f"{path}: not a file or directory")
-
-    files: list[Path] = []
     problems: list[Problem] = []
     formats: dict[str, str | None] = {}
-    train: list[TextSample] = []
-    validation: list[TextSample] = []
-    for split, file in (("train", train_file), ("validation", heldout_file)):
-        if file is None:
-            continue
+    splits: dict[str, list[TextSample]] = {}
+    for split, file in present.items():
         samples, bad, used = read_jsonl(file, fmt)
-        files.append(file)
         formats[file.name] = used
         problems.extend(Problem(p.file, p.reason, p.line, split) for p in bad)
-        (train if split == "train" else validation).extend(samples)
-    details["formats"] = formats
+        splits[split] = samples
+    if formats:
+        details["formats"] = formats
+    if "validation" in splits and "test" in splits:
+        warnings.append(
+            f"both {SPLIT_FILES['validation']} and {SPLIT_FILES['test']} exist; the validation split is held out"
+        )
 
     dropped: dict[str, int] = {}
-    if drop_duplicates:
-        train, counts, notes = deduplicate(train)
-        for reason, count in counts.items():
-            dropped[reason] = dropped.get(reason, 0) + count
+    if drop_duplicates and "train" in splits:
+        splits["train"], dropped, notes = deduplicate(splits["train"])
         if notes:
             warnings.append(f"dropped {len(notes)} duplicate training record(s), first: {notes[0]}")
             details["duplicates"] = notes[:LEAKAGE_SHOWN]
 
-    if heldout_file is None and train:
-        train, validation, indices = deterministic_holdout(train, holdout, seed)
-        details["holdout"] = {
-            "fraction": holdout,
-            "seed": seed,
-            "count": len(validation),
-            "records": [s.where for s in validation],
-        }
-        if len(indices) == 0:
-            warnings.append("too few training records to cut a held-out split; evaluation is skipped")
-    elif heldout_file is not None:
-        details["validation_file"] = heldout_file.name
-
-    leaks = find_leakage(train, validation)
+    train = splits.get("train", [])
+    leaks = [pair for split in HELDOUT_SPLITS if split in splits for pair in find_leakage(train, splits[split])]
     if leaks:
         shown = "; ".join(f"{v} = {t}" for v, t in leaks[:3])
         warnings.append(f"{len(leaks)} held-out record(s) also appear in train (leakage): {shown}")
         details["leakage"] = {"count": len(leaks), "pairs": [list(p) for p in leaks[:LEAKAGE_SHOWN]]}
-    return DatasetSplits(
-        train=train,
-        validation=validation,
-        files=files,
+    return DataFound(
+        splits=splits,
+        files=list(present.values()),
         problems=problems,
         dropped=dropped,
         warnings=warnings,

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from polyadapt.export import merge_with_parity_gate
+
+if TYPE_CHECKING:
+    from polyadapt.lifecycle import LoadedRun
 
 # A fixed, model-independent batch for the parity gate: ordinary sentences plus the tokenizer's own special tokens.
 PARITY_TEXTS = (
@@ -29,26 +32,26 @@ def parity_batch(tokenizer: Any) -> dict[str, Any]:
     return {"input_ids": input_ids, "attention_mask": mask}
 
 
-def export_merged(run: Any, output_dir: Path) -> dict[str, Any]:
+def export_merged(loaded: LoadedRun, output_dir: Path) -> dict[str, Any]:
     """Merge the adapter into the base model and save it with the tokenizer, after the parity gate.
 
     The gate runs base+adapter and the merged model on :func:`parity_batch` in float32 and refuses the export when the
     largest logit difference over real (non-padding) tokens exceeds ``text.merge_tolerance``.
     """
-    bundle = run.bundle
-    tolerance = run.config.settings.merge_tolerance
-    device = next(bundle.model.parameters()).device
-    batch = {k: v.to(device) for k, v in parity_batch(bundle.processor).items()}
+    run = loaded.run
+    tolerance = loaded.config.settings.merge_tolerance
+    device = next(run.model.parameters()).device
+    batch = {k: v.to(device) for k, v in parity_batch(run.tokenizer).items()}
     real = batch["attention_mask"].bool()
     merged, gap = merge_with_parity_gate(
-        bundle.model,
+        run.model,
         lambda model: model(**batch).logits[real],
         tolerance,
         "text.merge_tolerance",
-        run.config.peft.method,
+        loaded.config.peft.method,
     )
     merged.save_pretrained(str(output_dir), safe_serialization=True)
-    bundle.processor.save_pretrained(str(output_dir))
+    run.tokenizer.save_pretrained(str(output_dir))
     return {
         "parity": {"max_abs_logit_gap": gap, "tolerance": tolerance, "tokens": int(batch["attention_mask"].sum())},
         "architecture": type(merged).__name__,

@@ -1,8 +1,11 @@
-"""The text modality: PEFT adaptation of causal language models on JSONL text, instruction or chat data."""
+"""The text modality: PEFT adaptation of causal language models on JSONL text, instruction or chat data.
+
+:class:`TextModality` is the stateless factory polyadapt registers; :class:`TextRun` is one run, holding the model,
+its tokenizer and what the run decided about them (whether the loss fuses the output head) as attributes.
+"""
 
 from __future__ import annotations
 
-import html
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -10,7 +13,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import Field
 
 from polyadapt.errors import ConfigError
-from polyadapt.modality import DatasetSplits, EvalResult, Modality, ModalitySettings, ModelBundle, PreparedSplit
+from polyadapt.modality import DataContext, DataFound, EvalResult, Modality, ModalitySettings, PreparedSplit
+from polyadapt.peft_run import PeftRun
+
+from .data import LAYOUT
 
 if TYPE_CHECKING:
     import click
@@ -51,79 +57,51 @@ class TextSettings(ModalitySettings):
     )
 
 
-class TextModality(Modality):
-    """Causal language models (any ``AutoModelForCausalLM``) on text, prompt-completion or chat JSONL."""
+class TextRun(PeftRun):
+    """One text run: ``model`` (the causal LM, PEFT-wrapped once an adapter is attached) and its ``tokenizer``."""
 
-    name = "text"
-    description = "causal language models: continued pretraining, instruction and chat tuning (LoRA, DoRA, IA3, prefix)"
-    settings_model = TextSettings
-    primary_metric = "eval_loss"
-    metric_directions: ClassVar[dict[str, bool]] = {
-        "perplexity": False,
-        "exact_match": True,
-        "token_f1": True,
-        "fact_accuracy": True,
-    }
+    peft_task_type = "CAUSAL_LM"
+
+    def __init__(self, modality: Modality, ctx: RunContext) -> None:
+        super().__init__(modality, ctx)
+        self.settings: TextSettings = ctx.settings
+        self.tokenizer: Any = None
+        #: whether the loss fuses the output head (decided once, at the first ``prepare``, by a check on the model)
+        self.fused_loss: bool | None = None
 
     # -- model -------------------------------------------------------------------------------------------------------
-    def load_base(self, ctx: RunContext) -> ModelBundle:
-        from .model import load_base_bundle
+    def load_base(self) -> None:
+        from .model import load_causal_lm
 
-        return load_base_bundle(ctx)
+        self.model, self.tokenizer, self.info = load_causal_lm(self.ctx)
 
-    def default_target_modules(self, bundle: ModelBundle, ctx: RunContext) -> list[str]:
+    def target_modules(self) -> list[str]:
         from .model import auto_target_modules
 
-        return auto_target_modules(bundle.model)
+        return auto_target_modules(self.base_model)
 
-    def add_adapter(self, bundle: ModelBundle, ctx: RunContext) -> None:
-        from .model import attach_adapter
-
-        if ctx.config.peft.method == "prefix" and ctx.settings.packing:
-            raise ConfigError("text.packing: not supported with peft.method 'prefix' (the prefix spans the whole row)")
-        attach_adapter(bundle, ctx, self.resolve_target_modules(bundle, ctx))
-
-    def save_adapter(self, bundle: ModelBundle, directory: Path) -> None:
-        from .model import save_adapter_dir
-
-        save_adapter_dir(bundle.model, directory)
-
-    def load_adapter(self, bundle: ModelBundle, directory: Path, ctx: RunContext) -> None:
-        from .model import load_adapter_dir
-
-        load_adapter_dir(bundle, directory)
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_input_embeddings().num_embeddings
 
     # -- data --------------------------------------------------------------------------------------------------------
-    def load_data(self, config: AdaptConfig, path: Path) -> DatasetSplits:
-        from .data import load_text_dataset
-
-        settings = config.settings or TextSettings()
-        return load_text_dataset(
-            path,
-            fmt=settings.format,
-            holdout=config.data.holdout,
-            seed=config.train.seed,
-            drop_duplicates=settings.drop_duplicates,
-        )
-
-    def prepare(self, bundle: ModelBundle, samples: Sequence[Any], ctx: RunContext, training: bool) -> PreparedSplit:
+    def prepare(self, samples: Sequence[Any], training: bool) -> PreparedSplit:
         from .batching import fused_loss_matches, pack, packing_isolated, tokenize_samples
 
-        settings = ctx.settings
-        vocab = bundle.model.get_input_embeddings().num_embeddings
-        if "fused_loss" not in bundle.components:
-            bundle.components["fused_loss"] = settings.fused_loss and fused_loss_matches(bundle.model, vocab)[0]
+        settings = self.settings
+        if self.fused_loss is None:
+            self.fused_loss = settings.fused_loss and fused_loss_matches(self.model, self.vocab_size)[0]
         items, stats = tokenize_samples(
-            samples, bundle.processor, settings.max_length, settings.system_prompt, settings.completion_only_loss
+            samples, self.tokenizer, settings.max_length, settings.system_prompt, settings.completion_only_loss
         )
-        stats["fused_loss"] = bundle.components["fused_loss"]
+        stats["fused_loss"] = self.fused_loss
         if training and settings.packing and items:
-            isolated, gap = packing_isolated(bundle.model, vocab)
+            isolated, gap = packing_isolated(self.model, self.vocab_size)
             if not isolated:
-                attn = getattr(bundle.model.config, "_attn_implementation", "?")
+                attn = getattr(self.base_model.config, "_attn_implementation", "?")
                 raise ConfigError(
-                    f"text.packing: {type(bundle.model).__name__} with attention {attn!r} lets packed samples see each "
-                    f"other (logit gap {gap:.3g}); set text.packing: false or text.attn_implementation: sdpa"
+                    f"text.packing: {type(self.base_model).__name__} with attention {attn!r} lets packed samples see "
+                    f"each other (logit gap {gap:.3g}); set text.packing: false or text.attn_implementation: sdpa"
                 )
             rows = pack(items, settings.max_length)
             stats["packed_rows"] = len(rows)
@@ -131,104 +109,123 @@ class TextModality(Modality):
             items = rows
         return PreparedSplit(items=items, lengths=[len(i["input_ids"]) for i in items], stats=stats)
 
-    def collate(self, bundle: ModelBundle, items: Sequence[Any], training: bool) -> dict[str, Any]:
+    def collate(self, items: Sequence[Any], training: bool) -> dict[str, Any]:
         from .batching import collate_items
 
-        return collate_items(items, bundle.processor.pad_token_id)
+        return collate_items(items, self.tokenizer.pad_token_id)
 
-    def compute_loss(self, bundle: ModelBundle, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         from .batching import mean_loss
 
-        return mean_loss(model, batch, fused=bundle.components.get("fused_loss", False))
+        return mean_loss(model, batch, fused=bool(self.fused_loss))
 
     def loss_weight(self, batch: dict[str, Any]) -> float:
         """Target tokens in the batch: the held-out loss is a per-token mean, so perplexity is exact."""
-        from .batching import IGNORE
+        from polyadapt.losses import IGNORE_INDEX
 
-        return float((batch["labels"][:, 1:] != IGNORE).sum())
+        return float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
-    # -- evaluation and serving --------------------------------------------------------------------------------------
-    def evaluate(
-        self, bundle: ModelBundle, samples: Sequence[Any], ctx: RunContext, eval_loss: float | None
-    ) -> EvalResult:
+    # -- evaluation --------------------------------------------------------------------------------------------------
+    def evaluate(self, samples: Sequence[Any], eval_loss: float | None) -> EvalResult:
         from .batching import generation_prompt
-        from .generation import generate
         from .metrics import answer_metrics, perplexity, score_example
 
         metrics: dict[str, float] = {}
         if eval_loss is not None:
             metrics["perplexity"] = perplexity(eval_loss)
-        settings = ctx.settings
-        tokenizer = bundle.processor
+        settings = self.settings
         asked: list[tuple[TextSample, list[int], str]] = []
         for sample in samples:
-            found = generation_prompt(sample, tokenizer, settings.system_prompt)
+            found = generation_prompt(sample, self.tokenizer, settings.system_prompt)
             if found is not None:
                 asked.append((sample, *found))
         examples: list[dict[str, Any]] = []
         if settings.generate_eval and asked:
-            batch = ctx.config.eval.batch_size or ctx.config.train.batch_size
-            answers = generate(bundle.model, tokenizer, [ids for _, ids, _ in asked], settings.max_new_tokens, batch)
+            answers = self.generate([ids for _, ids, _ in asked])
             for (sample, _, reference), answer in zip(asked, answers, strict=True):
                 question = sample.prompt if sample.format == "prompt_completion" else _last_user(sample)
                 examples.append(score_example(question, reference, answer, sample.answer_contains))
             metrics.update(answer_metrics(examples))
         return EvalResult(metrics=metrics, examples=examples)
 
-    def infer_params(self) -> list[click.Parameter]:
-        import click
+    def report_sections(self, before: EvalResult | None, after: EvalResult, run_dir: Path) -> list[tuple[str, str]]:
+        from .report import answer_table
 
-        return [
-            click.Option(
-                ["--prompt"], required=True, help="The user message (or raw prompt for models without a chat template)."
-            ),
-            click.Option(["--system"], default=None, help="System message (default: the run's text.system_prompt)."),
-            click.Option(
-                ["--max-new-tokens"], type=click.IntRange(1), default=None, help="Default: text.max_new_tokens."
-            ),
-            click.Option(
-                ["--temperature"], type=click.FloatRange(0), default=0.0, show_default=True, help="0 = greedy."
-            ),
-            click.Option(["--top-p"], type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True),
-            click.Option(["--seed"], type=int, default=0, show_default=True, help="Sampling seed."),
-        ]
+        return answer_table(before, after)
 
-    def infer(self, bundle: ModelBundle, ctx: RunContext, options: dict[str, Any]) -> list[str]:
-        from .batching import chat_messages, render
-        from .generation import generate
+    # -- inference ---------------------------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Sequence[list[int]],
+        adapters: Sequence[str | None] | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[str]:
+        """The decoded answers to ``prompts`` (token ids), in batches of ``eval.batch_size``. With ``adapters``, row
+        ``i`` is answered by adapter ``adapters[i]`` (``None``: the base) in the same batches; without, by the active
+        adapter. Call it inside :func:`polyadapt.evaluation.evaluating` (polyadapt does, around evaluate and infer)."""
+        from .inference import generate, generate_per_row
 
-        tokenizer = bundle.processor
-        system = options.get("system") or ctx.settings.system_prompt
-        if tokenizer.chat_template:
-            text = render(tokenizer, chat_messages([("user", options["prompt"])], system), add_generation_prompt=True)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = tokenizer(((system + "\n") if system else "") + options["prompt"])["input_ids"]
-        answer = generate(
-            bundle.model,
-            tokenizer,
-            [ids],
-            options.get("max_new_tokens") or ctx.settings.max_new_tokens,
+        config = self.ctx.config
+        batch = config.eval.batch_size or config.train.batch_size
+        tokens = max_new_tokens or self.settings.max_new_tokens
+        if adapters is not None:
+            return generate_per_row(self, prompts, adapters, tokens, batch, temperature, top_p, seed)
+        return generate(self.model, self.tokenizer, prompts, tokens, batch, temperature, top_p, seed)
+
+    def infer(self, options: dict[str, Any]) -> list[str]:
+        from .inference import prompt_ids
+
+        system = options.get("system") or self.settings.system_prompt
+        answer = self.generate(
+            [prompt_ids(self.tokenizer, options["prompt"], system)],
+            max_new_tokens=options.get("max_new_tokens"),
             temperature=options.get("temperature") or 0.0,
             top_p=options.get("top_p") or 1.0,
             seed=options.get("seed"),
         )[0]
         return answer.splitlines() or [""]
 
-    def report_sections(self, before: EvalResult | None, after: EvalResult, run_dir: Path) -> list[tuple[str, str]]:
-        if not after.examples:
-            return []
-        previous = {e["prompt"]: e for e in (before.examples if before else [])}
-        rows = []
-        for example in after.examples[:5]:
-            old = previous.get(example["prompt"], {})
-            cells = [example["prompt"], example["reference"], old.get("prediction", "—"), example["prediction"]]
-            rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
-        table = (
-            "<table><thead><tr><th>question</th><th>reference</th><th>base</th><th>adapted</th></tr></thead>"
-            f"<tbody>{''.join(rows)}</tbody></table>"
-        )
-        return [("Sample answers: base vs adapted", table)]
+
+class TextModality(Modality):
+    """Causal language models (any ``AutoModelForCausalLM``) on text, prompt-completion or chat JSONL."""
+
+    name = "text"
+    description = "causal language models: continued pretraining, instruction and chat tuning (LoRA, DoRA, IA3, prefix)"
+    settings_model = TextSettings
+    primary_metric = "eval_loss"
+    metrics: ClassVar[dict[str, bool]] = {
+        "perplexity": False,
+        "exact_match": True,
+        "token_f1": True,
+        "fact_accuracy": True,
+    }
+    peft_methods = ("lora", "dora", "ia3", "prefix")
+    capabilities = frozenset({"inference", "report", "multi_adapter", "batched_adapters"})
+    data_layout = LAYOUT
+    run_class = TextRun
+
+    def read_data(self, ctx: DataContext) -> DataFound:
+        from .data import read_text_dataset
+
+        return read_text_dataset(ctx.path, fmt=ctx.settings.format, drop_duplicates=ctx.settings.drop_duplicates)
+
+    def check_config(self, config: AdaptConfig) -> list[str]:
+        if config.settings.packing and config.peft.method == "prefix":
+            return ["text.packing: not supported with peft.method 'prefix' (the prefix spans the whole row)"]
+        return []
+
+    def infer_params(self) -> list[click.Parameter]:
+        from .inference import infer_params
+
+        return infer_params()
+
+    def usage(self, run_dir: Path, base: str) -> str:
+        from .report import usage_snippet
+
+        return usage_snippet(run_dir, base)
 
 
 def _last_user(sample: TextSample) -> str:

@@ -1,5 +1,5 @@
-"""Loading causal language models (hub id, local directory, local GGUF file), choosing adapter targets, and saving
-and loading the adapter as a standard PEFT directory."""
+"""Loading causal language models (hub id, local directory, local GGUF file) and choosing adapter targets. Adapters
+are attached, saved and loaded by :class:`polyadapt.peft_run.PeftRun`."""
 
 from __future__ import annotations
 
@@ -7,17 +7,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from polyadapt.errors import ConfigError
-from polyadapt.modality import ModelBundle
 
 if TYPE_CHECKING:
     import torch
 
     from polyadapt.config import ResolvedBase
     from polyadapt.modality import RunContext
-
-# Files that make up a PEFT adapter directory; nothing else in the run directory is read back by peft.
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def base_location(base: ResolvedBase) -> tuple[str, dict[str, Any]]:
@@ -44,9 +39,9 @@ def base_location(base: ResolvedBase) -> tuple[str, dict[str, Any]]:
     return str(path), {}
 
 
-def load_base_bundle(ctx: RunContext) -> ModelBundle:
-    """The base causal LM and its tokenizer. Weights load in float32: mixed precision is the training loop's job, and
-    adapter training and merging stay exact in full precision."""
+def load_causal_lm(ctx: RunContext) -> tuple[Any, Any, dict[str, Any]]:
+    """The base causal LM, its tokenizer and what the manifest records of them. Weights load in float32: mixed
+    precision is the training loop's job, and adapter training and merging stay exact in full precision."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -82,7 +77,7 @@ def load_base_bundle(ctx: RunContext) -> ModelBundle:
         "chat_template": bool(tokenizer.chat_template),
         **({"gguf_file": extra["gguf_file"]} if "gguf_file" in extra else {}),
     }
-    return ModelBundle(model=model, processor=tokenizer, info=info)
+    return model, tokenizer, info
 
 
 def configure_tokenizer(tokenizer: Any, settings: Any) -> None:
@@ -131,39 +126,3 @@ def auto_target_modules(model: torch.nn.Module) -> list[str]:
     if not names:
         raise ConfigError(f"peft.target_modules: {type(model).__name__} has no linear layers in its decoder blocks")
     return names
-
-
-def attach_adapter(bundle: ModelBundle, ctx: RunContext, targets: list[str]) -> None:
-    """Wrap ``bundle.model`` with a fresh causal-LM adapter; turn on gradient checkpointing when asked."""
-    from peft import get_peft_model
-
-    from polyadapt.adapters import build_peft_config
-
-    model = bundle.model
-    if ctx.config.train.grad_checkpointing:
-        # transformers 5 renamed the switch; the old name still works but warns
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    peft_config = build_peft_config(ctx.config.peft, targets, task_type="CAUSAL_LM")
-    bundle.model = get_peft_model(model, peft_config)
-
-
-def save_adapter_dir(model: Any, directory: Path) -> None:
-    """The adapter as a PEFT directory: ``adapter_config.json`` + ``adapter_model.safetensors``."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(directory), safe_serialization=True)
-
-
-def load_adapter_dir(bundle: ModelBundle, directory: Path) -> None:
-    """Attach the adapter saved in ``directory`` to the freshly loaded base model, for inference."""
-    from peft import PeftModel
-
-    directory = Path(directory)
-    if not (directory / ADAPTER_CONFIG).exists() or not (directory / ADAPTER_WEIGHTS).exists():
-        raise ConfigError(f"{directory}: no PEFT adapter here ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS} expected)")
-    bundle.model = PeftModel.from_pretrained(bundle.model, str(directory), is_trainable=False)
-    bundle.model.eval()

@@ -2,7 +2,7 @@
 
 Latents are always ``mean + std * latent_noise`` of the VAE posterior, scaled by the VAE's ``scaling_factor``: with
 caching the mean and std are computed once in :func:`prepare_items`, without caching the VAE computes them in
-:func:`compute_loss` every step. The same ``latent_noise``, ``noise`` and ``timesteps`` therefore give the same loss
+:func:`diffusion_loss` every step. The same ``latent_noise``, ``noise`` and ``timesteps`` therefore give the same loss
 either way. Training batches draw those from the global RNG (seeded by polyadapt); held-out batches draw them from a
 generator seeded per sample, and use the posterior mean, so the held-out loss is the same before and after training.
 """
@@ -18,10 +18,8 @@ import torch
 from polyadapt.modality import PreparedSplit
 
 if TYPE_CHECKING:
-    from polyadapt.modality import ModelBundle
-
     from .data import ImageSample
-    from .modality import ImageSettings
+    from .modality import ImageRun
 
 #: the timesteps held-out items are evaluated at are drawn uniformly from this range (very noisy and nearly clean
 #: steps carry little signal about style, and their losses are dominated by the noise draw)
@@ -38,9 +36,8 @@ def pixels_of(images: list[Any]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_latent_stats(bundle: ModelBundle, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scaled posterior mean and std of the VAE for ``pixels`` (on the VAE's device), returned on the CPU."""
-    vae = bundle.components["vae"]
+def encode_latent_stats(vae: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled posterior mean and std of ``vae`` for ``pixels`` (on the VAE's device), returned on the CPU."""
     device = next(vae.parameters()).device
     means, stds = [], []
     for start in range(0, len(pixels), ENCODE_BATCH):
@@ -53,20 +50,17 @@ def encode_latent_stats(bundle: ModelBundle, pixels: torch.Tensor) -> tuple[torc
 
 
 @torch.no_grad()
-def encode_prompts(bundle: ModelBundle, prompts: list[str]) -> dict[str, torch.Tensor]:
+def encode_prompts(run: ImageRun, prompts: list[str]) -> dict[str, torch.Tensor]:
     """Conditioning tensors for ``prompts`` from the frozen text encoder(s), on the CPU in float32."""
-    strategy = bundle.components["denoiser"]
     out: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(prompts), ENCODE_BATCH):
-        tokens = strategy.tokenize(prompts[start : start + ENCODE_BATCH])
-        for key, value in strategy.encode_tokens(tokens, bundle.components["text_encoders"]).items():
+        tokens = run.strategy.tokenize(prompts[start : start + ENCODE_BATCH])
+        for key, value in run.strategy.encode_tokens(tokens, run.text_encoders).items():
             out.setdefault(key, []).append(value.float().cpu())
     return {key: torch.cat(values) for key, values in out.items()}
 
 
-def prepare_items(
-    bundle: ModelBundle, samples: Sequence[ImageSample], settings: ImageSettings, training: bool, seed: int
-) -> PreparedSplit:
+def prepare_items(run: ImageRun, samples: Sequence[ImageSample], training: bool) -> PreparedSplit:
     """Model-ready items. Each is a dict with ``key``, ``seed`` and either cached tensors or what to encode per step.
 
     Cached latents are computed from one crop per image (the centre, or one random crop drawn with the run's seed)
@@ -75,9 +69,9 @@ def prepare_items(
     from .data import load_image
     from .modality import item_seed
 
-    strategy = bundle.components["denoiser"]
+    settings, strategy = run.settings, run.strategy
     flip = settings.random_flip and training
-    rng = random.Random(seed)
+    rng = random.Random(run.ctx.config.train.seed)
     items: list[dict[str, Any]] = []
     images = []
     for sample in samples:
@@ -96,10 +90,10 @@ def prepare_items(
     if not items:
         return PreparedSplit(items=items, stats=stats)
     if settings.cache_latents:
-        mean, std = encode_latent_stats(bundle, pixels_of(images))
+        mean, std = encode_latent_stats(run.vae, pixels_of(images))
         views = [(mean, std)]
         if flip:
-            views.append(encode_latent_stats(bundle, pixels_of([mirror(im) for im in images])))
+            views.append(encode_latent_stats(run.vae, pixels_of([mirror(im) for im in images])))
         for i, item in enumerate(items):
             item["latents"] = [(m[i], s[i]) for m, s in views]
     else:
@@ -107,7 +101,7 @@ def prepare_items(
             item["pixels"] = pixels_of([image])[0]
             item["flip"] = flip
     if settings.caches_text:
-        cond = encode_prompts(bundle, [item["caption"] for item in items])
+        cond = encode_prompts(run, [item["caption"] for item in items])
         for i, item in enumerate(items):
             item["cond"] = {key: value[i] for key, value in cond.items()}
     else:
@@ -125,11 +119,9 @@ def mirror(image: Any) -> Any:
     return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
 
 
-def collate(bundle: ModelBundle, items: Sequence[dict[str, Any]], training: bool) -> dict[str, Any]:
+def collate(run: ImageRun, items: Sequence[dict[str, Any]], training: bool) -> dict[str, Any]:
     """A batch of CPU tensors: latent statistics or pixels, conditioning or token ids, and the noise draws."""
-    settings = bundle.components["settings"]
-    scheduler = bundle.components["noise_scheduler"]
-    strategy = bundle.components["denoiser"]
+    settings, scheduler, strategy = run.settings, run.noise_scheduler, run.strategy
     batch: dict[str, Any] = {}
     if "latents" in items[0]:
         views = [random.choice(item["latents"]) if training else item["latents"][0] for item in items]
@@ -142,8 +134,8 @@ def collate(bundle: ModelBundle, items: Sequence[dict[str, Any]], training: bool
             for item in items
         ]
         batch["pixel_values"] = torch.stack(pixels)
-        factor = bundle.info["vae_scale_factor"]
-        channels = bundle.components["vae"].config.latent_channels
+        factor = run.info["vae_scale_factor"]
+        channels = run.vae.config.latent_channels
         shape = (channels, settings.resolution // factor, settings.resolution // factor)
     if "cond" in items[0]:
         for key in items[0]["cond"]:
@@ -177,15 +169,14 @@ def collate(bundle: ModelBundle, items: Sequence[dict[str, Any]], training: bool
     return batch
 
 
-def compute_loss(bundle: ModelBundle, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """Mean (optionally min-SNR weighted) MSE between the denoiser's prediction and its target."""
-    strategy = bundle.components["denoiser"]
-    scheduler = bundle.components["noise_scheduler"]
-    settings = bundle.components["settings"]
+def diffusion_loss(run: ImageRun, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """Mean (optionally min-SNR weighted) MSE between the denoiser's prediction and its target: the mean of the rows'
+    losses, each row weighted alike."""
+    strategy, scheduler, settings = run.strategy, run.noise_scheduler, run.settings
     if "latent_mean" in batch:
         mean, std = batch["latent_mean"], batch["latent_std"]
     else:
-        vae = bundle.components["vae"]
+        vae = run.vae
         with torch.no_grad():
             dist = vae.encode(batch["pixel_values"].to(torch.float32)).latent_dist
             shift = getattr(vae.config, "shift_factor", None) or 0.0
@@ -196,7 +187,7 @@ def compute_loss(bundle: ModelBundle, model: torch.nn.Module, batch: dict[str, A
         cond = {k: batch[k] for k in ("encoder_hidden_states", "text_embeds", "time_ids") if k in batch}
     else:
         tokens = {k: v for k, v in batch.items() if k.startswith("input_ids")}
-        encoders = bundle.components["text_encoders"]
+        encoders = run.text_encoders
         trains_text = any(p.requires_grad for e in encoders for p in e.parameters())
         with torch.set_grad_enabled(trains_text and torch.is_grad_enabled()):
             cond = strategy.encode_tokens(tokens, encoders)

@@ -1,0 +1,332 @@
+"""``polyadapt adapt`` as a recipe in named phases, read top to bottom::
+
+    setup -> evaluate_before -> train -> evaluate_after -> finalize
+
+Each phase is a method of :class:`AdaptRecipe`; its state is typed attributes on the recipe. The run directory's state
+machine (running -> failed | complete) is :class:`polyadapt.rundir.RunDirectory`'s; the lineage is a typed
+:class:`polyadapt.manifest.Manifest`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .config import AdaptConfig, load_config
+from .data import fingerprint, sha256_file
+from .errors import ConfigError
+from .manifest import (
+    MANIFEST_NAME,
+    AdapterRecord,
+    BaseRecord,
+    DataRecord,
+    Manifest,
+    TrainingRecord,
+    base_weights_digest,
+    hardware_info,
+    library_versions,
+    now_iso,
+    plugin_versions,
+)
+from .report import REPORT_HTML, REPORT_JSON
+from .rundir import RunDirectory
+
+if TYPE_CHECKING:
+    from .modality import DatasetSplits, EvalResult, Modality, ModalityRun, PreparedSplit
+    from .plugins import PolyadaptPluginManager
+    from .training import TrainResult
+
+
+class AdaptRecipe:
+    """One ``adapt``: call :meth:`run`, or the phases one by one (tests and notebooks do)."""
+
+    def __init__(
+        self,
+        config: AdaptConfig | str | Path,
+        *,
+        plugin_manager: PolyadaptPluginManager,
+        resume: bool = False,
+        overwrite: bool = False,
+    ) -> None:
+        self.pm = plugin_manager
+        self.config = config if isinstance(config, AdaptConfig) else load_config(config, plugin_manager=plugin_manager)
+        self.resume = resume
+        self.overwrite = overwrite
+        self.modality: Modality = self.pm.get_modality(self.config.modality)
+        self.rundir = RunDirectory(self.config.output)
+        self.accelerator: Any = None
+        self.manifest: Manifest | None = None
+        self.run_obj: ModalityRun | None = None
+        self.splits: DatasetSplits | None = None
+        self.eval_samples: list[Any] = []
+        self.train_split: PreparedSplit | None = None
+        self.eval_split: PreparedSplit | None = None
+        self.general: tuple[list[Any], PreparedSplit] | None = None
+        self.before: EvalResult | None = None
+        self.after: EvalResult | None = None
+        self.general_after: EvalResult | None = None
+        self.result: TrainResult | None = None
+        self.resume_from: Path | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator is None or self.accelerator.is_main_process
+
+    @property
+    def run_dir(self) -> Path:
+        return self.rundir.path
+
+    # -- the whole recipe --------------------------------------------------------------------------------------------
+    def run(self) -> Path:
+        """Every phase in order; the run directory ends ``complete``, or ``failed`` with the error."""
+        self.setup()
+        try:
+            self.load()
+            self.evaluate_before()
+            self.train()
+            self.evaluate_after()
+            self.finalize()
+        except BaseException as exc:
+            if self.is_main and self.manifest is not None:
+                self.rundir.fail(self.manifest, exc)
+            raise
+        return self.run_dir
+
+    # -- phases ------------------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Everything that needs no model: the base reference, the data (bad-sample policy applied), the accelerator,
+        the run directory claimed and the manifest started."""
+        from .checkpoint import list_checkpoints
+        from .lifecycle import make_accelerator, read_data, resolve_base
+
+        config = self.config
+        base = resolve_base(config.base, self.pm)
+        self.splits, skipped = read_data(self.modality, config, base=base)
+        self.eval_samples = limit(self.splits.validation, config.eval.max_samples)
+        self.accelerator = make_accelerator(config, self.run_dir)
+        previous = self.rundir.claim(config, self.resume, self.overwrite) if self.is_main else None
+        self.accelerator.wait_for_everyone()
+        if self.resume:
+            self.resume_from = (list_checkpoints(self.run_dir) or [None])[-1]
+        self.base = base
+        self.manifest = Manifest(
+            status="running",
+            polyadapt_version=_version(),
+            plugins=plugin_versions(self.pm),
+            modality=config.modality,
+            base=BaseRecord(reference=base.reference, path=str(base.path) if base.path else None, hub_id=base.hub_id),
+            config=config.to_dict(),
+            data=data_record(config, self.splits, skipped),
+            seed=config.train.seed,
+            hardware=hardware_info(),
+            libraries=library_versions(),
+            started=previous.started if previous else now_iso(),
+            resumed=[*(previous.resumed if previous else []), *([now_iso()] if previous else [])],
+        )
+        if previous is not None:
+            # a resumed run keeps the base model's metrics measured when it started
+            self.manifest.metrics.before = previous.metrics.before
+            self.manifest.metrics.general_before = previous.metrics.general_before
+        if self.is_main:
+            self.manifest.base.weights_sha256 = base_weights_digest(base.path)
+            self.rundir.save(self.manifest)
+
+    def load(self) -> None:
+        """Open the modality's run, load the base and prepare every split."""
+        from accelerate.utils import set_seed
+
+        from .lifecycle import compute_dtype
+        from .modality import RunContext
+
+        set_seed(self.config.train.seed)
+        ctx = RunContext(
+            config=self.config, base=self.base, device=self.accelerator.device,
+            dtype=compute_dtype(self.accelerator.mixed_precision), run_dir=self.run_dir,
+            is_main_process=self.is_main, num_processes=self.accelerator.num_processes,
+        )  # fmt: skip
+        run = self.run_obj = self.modality.open(ctx)
+        run.load_base()
+        run.model.to(ctx.device)
+        for key, value in run.info.items():
+            setattr(self.manifest.base, key, value)
+        self.train_split = run.prepare(self.splits.train, True)
+        self.eval_split = run.prepare(self.eval_samples, False)
+        self.manifest.data.prepared = {"train": self.train_split.stats, "validation": self.eval_split.stats}
+        self.general = general_data(self.modality, run, self.config, self.base)
+
+    def evaluate_before(self) -> None:
+        """The base model's held-out (and general-data) metrics, unless a resumed run measured them already."""
+        config, manifest = self.config, self.manifest
+        if not config.eval.before or manifest.metrics.before is not None:
+            return
+        self.before = self.measure(self.eval_samples, self.eval_split)
+        general_before = self.measure(*self.general) if self.general is not None else None
+        if self.is_main:
+            manifest.metrics.before = self.before.metrics if self.before else None
+            manifest.metrics.general_before = general_before.metrics if general_before else None
+            self.rundir.save(manifest)
+
+    def train(self) -> None:
+        """Attach a fresh adapter and run the shared loop on it."""
+        from accelerate.utils import set_seed
+
+        from .adapters import count_parameters
+        from .training import train_loop
+
+        config, run = self.config, self.run_obj
+        set_seed(config.train.seed)
+        run.add_adapter()
+        run.model.to(self.accelerator.device)
+        self.manifest.adapter = AdapterRecord(
+            method=config.peft.method,
+            parameters=count_parameters(run.trainable_modules()),
+        )
+        if config.train.trackers:
+            self.accelerator.init_trackers("polyadapt", config=_flat_hparams(config))
+        extra_eval = self._metric_eval if config.train.early_stopping_metric != "eval_loss" else None
+        self.result = train_loop(
+            accelerator=self.accelerator, run=run, train_split=self.train_split, eval_split=self.eval_split,
+            run_dir=self.run_dir, callbacks=self.pm.callbacks(config), resume_from=self.resume_from,
+            extra_eval=extra_eval,
+        )  # fmt: skip
+        if config.train.trackers:
+            self.accelerator.end_training()
+
+    def evaluate_after(self) -> None:
+        """The adapted model's held-out (and general-data) metrics."""
+        self.after = self.measure(self.eval_samples, self.eval_split)
+        self.general_after = self.measure(*self.general) if self.general is not None else None
+
+    def finalize(self) -> None:
+        """Save the adapter, write the reports, the model card and the complete manifest (main process only)."""
+        from .modality import EvalResult, ReportSections
+        from .report import write_model_card, write_reports
+
+        if self.is_main:
+            run, manifest, state = self.run_obj, self.manifest, self.result.state
+            run.save_adapter(self.run_dir)
+            before = self.before
+            if before is None and manifest.metrics.before is not None:
+                before = EvalResult(metrics=manifest.metrics.before)
+            manifest.metrics.after = self.after.metrics
+            manifest.metrics.general_after = self.general_after.metrics if self.general_after else None
+            manifest.training = TrainingRecord(
+                steps=state.step, total_steps=state.total_steps, epochs_completed=state.epoch,
+                samples_seen=state.samples_seen, seconds=round(self.result.seconds, 3),
+                stopped_early=state.stopped_early, best_step=state.best_step, best_metric=state.best_metric,
+                resumed_from=str(self.resume_from) if self.resume_from else None,
+            )  # fmt: skip
+            manifest.adapter.files = adapter_files(self.run_dir)
+            sections = run.report_sections(before, self.after, self.run_dir) if isinstance(run, ReportSections) else []
+            write_reports(
+                self.run_dir, self.modality, manifest.to_json(), before, self.after,
+                plugin_metrics=self.pm.metrics(self.modality.name), sections=sections,
+                general=(manifest.metrics.general_before, manifest.metrics.general_after),
+            )  # fmt: skip
+            write_model_card(
+                self.run_dir, self.modality, manifest.to_json(), self.modality.usage(self.run_dir, self.base.reference)
+            )
+            self.rundir.complete(manifest)
+        self.accelerator.wait_for_everyone()
+
+    # -- helpers -----------------------------------------------------------------------------------------------------
+    def measure(self, samples: list[Any], prepared: PreparedSplit) -> EvalResult | None:
+        return measure(self.accelerator, self.run_obj, samples, prepared, self.pm)
+
+    def _metric_eval(self) -> dict[str, float]:
+        """The modality's metrics on the held-out split, computed on the main process and shared with the others."""
+        from accelerate.utils import broadcast_object_list
+
+        from .evaluation import evaluating
+
+        box: list[Any] = [None]
+        if self.is_main:
+            with evaluating(self.run_obj):
+                box = [self.run_obj.evaluate(self.eval_samples, None).metrics]
+        broadcast_object_list(box)
+        return box[0]
+
+
+def measure(
+    accelerator: Any, run: ModalityRun, samples: list[Any], prepared: PreparedSplit, pm: PolyadaptPluginManager
+) -> EvalResult | None:
+    """Held-out loss (every process) and the modality's metrics (main process) of the run's current model."""
+    from .evaluation import add_plugin_metrics, evaluating
+    from .training import evaluate_loss
+
+    config = run.ctx.config
+    batch = config.eval.batch_size or config.train.batch_size
+    loss = evaluate_loss(accelerator, run, run.model, prepared, batch)
+    result = None
+    if accelerator.is_main_process:
+        with evaluating(run):
+            result = run.evaluate(samples, loss)
+        if loss is not None:
+            result.metrics = {"eval_loss": loss, **result.metrics}
+        add_plugin_metrics(result, pm.metrics(run.modality.name))
+    accelerator.wait_for_everyone()
+    return result
+
+
+def limit(samples: Any, max_samples: int | None) -> list[Any]:
+    samples = list(samples)
+    return samples if max_samples is None else samples[:max_samples]
+
+
+def data_record(config: AdaptConfig, splits: DatasetSplits, skipped: list[dict]) -> DataRecord:
+    return DataRecord(
+        path=str(config.data.path),
+        fingerprint=fingerprint(splits.files, root=Path(config.data.path)),
+        counts={"train": len(splits.train), "validation": len(splits.validation)},
+        heldout=dict(splits.heldout),
+        dropped=dict(splits.dropped),
+        bad_samples_skipped=skipped,
+        warnings=list(splits.warnings),
+        details=dict(splits.details),
+    )
+
+
+def adapter_files(run_dir: Path) -> dict[str, str]:
+    """sha256 of the adapter's files in the run directory (what the registry checks on push and pull)."""
+    own = {MANIFEST_NAME, REPORT_JSON, REPORT_HTML}
+    return {
+        p.name: sha256_file(p)
+        for p in sorted(run_dir.iterdir())
+        if p.is_file() and p.suffix in (".safetensors", ".json") and p.name not in own
+    }
+
+
+def general_data(modality: Modality, run: ModalityRun, config: AdaptConfig, base: Any) -> tuple | None:
+    """The forgetting check's samples (``eval.general_data``): its held-out split, or all of it, prepared."""
+    from .lifecycle import read_data
+
+    if config.eval.general_data is None:
+        return None
+    splits, _ = read_data(modality, config, config.eval.general_data, base=base)
+    samples = limit(list(splits.validation) or list(splits.train), config.eval.max_samples)
+    if not samples:
+        raise ConfigError(f"eval.general_data: {config.eval.general_data} holds no samples")
+    return samples, run.prepare(samples, False)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _flat_hparams(config: AdaptConfig) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}/")
+        else:
+            flat[prefix.rstrip("/")] = node if isinstance(node, int | float | str | bool) else str(node)
+
+    walk(config.to_dict(), "")
+    return flat
+
+
+__all__ = ["AdaptRecipe", "measure"]
