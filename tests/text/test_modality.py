@@ -92,3 +92,22 @@ def test_usage_loads_with_transformers_and_peft_alone(modality, tmp_path, base, 
     assert "from peft import PeftModel" in usage
     assert f"PeftModel.from_pretrained(base, {str((tmp_path / 'run').resolve())!r})" in usage
     assert "import polyadapt" not in usage
+
+
+def test_library_warnings_a_user_cannot_act_on_are_not_shown(modality, tiny_llama, chat_data, tmp_path):
+    import warnings
+
+    from .builders import make_config, make_ctx
+
+    config = make_config(tiny_llama, chat_data, train={"grad_checkpointing": True})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = modality.open(make_ctx(config))
+        run.load_base()
+        run.add_adapter()
+        run.save_adapter(tmp_path / "adapter")
+        again = modality.open(make_ctx(config))
+        again.load_base()
+        again.load_adapter(tmp_path / "adapter")
+    shown = [str(w.message) for w in caught]
+    assert not [m for m in shown if "is_gradient_checkpointing" in m or "config file" in m], shown

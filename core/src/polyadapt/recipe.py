@@ -56,7 +56,7 @@ class AdaptRecipe:
         self.rundir = RunDirectory(self.config.output)
         self.accelerator: Any = None
         self.manifest: Manifest | None = None
-        self.run_obj: ModalityRun | None = None
+        self.modality_run: ModalityRun | None = None
         self.splits: DatasetSplits | None = None
         self.eval_samples: list[Any] = []
         self.train_split: PreparedSplit | None = None
@@ -144,7 +144,7 @@ class AdaptRecipe:
             dtype=compute_dtype(self.accelerator.mixed_precision), run_dir=self.run_dir,
             is_main_process=self.is_main, num_processes=self.accelerator.num_processes,
         )  # fmt: skip
-        run = self.run_obj = self.modality.open(ctx)
+        run = self.modality_run = self.modality.open(ctx)
         run.load_base()
         run.model.to(ctx.device)
         for key, value in run.info.items():
@@ -173,7 +173,7 @@ class AdaptRecipe:
         from .adapters import count_parameters
         from .training import train_loop
 
-        config, run = self.config, self.run_obj
+        config, run = self.config, self.modality_run
         set_seed(config.train.seed)
         run.add_adapter()
         run.model.to(self.accelerator.device)
@@ -203,7 +203,7 @@ class AdaptRecipe:
         from .report import write_model_card, write_reports
 
         if self.is_main:
-            run, manifest, state = self.run_obj, self.manifest, self.result.state
+            run, manifest, state = self.modality_run, self.manifest, self.result.state
             run.save_adapter(self.run_dir)
             before = self.before
             if before is None and manifest.metrics.before is not None:
@@ -231,7 +231,7 @@ class AdaptRecipe:
 
     # -- helpers -----------------------------------------------------------------------------------------------------
     def measure(self, samples: list[Any], prepared: PreparedSplit) -> EvalResult | None:
-        return measure(self.accelerator, self.run_obj, samples, prepared, self.pm)
+        return measure(self.accelerator, self.modality_run, samples, prepared, self.pm)
 
     def _metric_eval(self) -> dict[str, float]:
         """The modality's metrics on the held-out split, computed on the main process and shared with the others."""
@@ -241,8 +241,8 @@ class AdaptRecipe:
 
         box: list[Any] = [None]
         if self.is_main:
-            with evaluating(self.run_obj):
-                box = [self.run_obj.evaluate(self.eval_samples, None).metrics]
+            with evaluating(self.modality_run):
+                box = [self.modality_run.evaluate(self.eval_samples, None).metrics]
         broadcast_object_list(box)
         return box[0]
 
