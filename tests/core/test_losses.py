@@ -8,6 +8,43 @@ from polyadapt.losses import bypass_head, chunk_rows, linear_cross_entropy
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
+from torch.utils import _pytree as pytree  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+
+class Allocations(TorchDispatchMode):
+    """Every tensor the operators allocate (outputs that share no storage with an input), as ``(shape, dtype)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.made: list[tuple[tuple[int, ...], torch.dtype]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        given = {
+            t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+        }
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.numel() and t.untyped_storage().data_ptr() not in given:
+                self.made.append((tuple(t.shape), t.dtype))
+        return out
+
+    def numel(self, shape):
+        return torch.Size(shape).numel()
+
+
+def saved_for_backward(function):
+    """The tensors autograd keeps for the backward pass of what ``function()`` computes, and its result."""
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = function()
+    return saved, result
 
 
 def inputs(rows=37, width=16, vocab=50, bias=True, seed=0):
@@ -98,3 +135,41 @@ def test_bypass_head_returns_the_head_input_and_restores_the_head_even_after_an_
     with pytest.raises(RuntimeError, match="boom"), bypass_head(model[1]):
         raise RuntimeError("boom")
     assert model(x).shape == (2, 9)
+
+
+def test_a_frozen_head_gets_no_weight_sized_buffer_and_only_the_hidden_gradient_is_kept():
+    hidden, weight, _, targets = inputs(rows=64, width=32, vocab=1000, bias=False)
+    weight.requires_grad_(False)  # a frozen (tied) output head, as in LoRA training
+    allocations = Allocations()
+    with allocations:
+        saved, loss = saved_for_backward(
+            lambda: linear_cross_entropy(hidden, weight, targets, reduction="sum", rows_per_chunk=8)
+        )
+        (grad,) = torch.autograd.grad(loss, [hidden])
+    assert weight.shape not in [shape for shape, _ in allocations.made]
+    # nothing as large as the head is ever allocated: one chunk of logits (8 x 1000) is the largest tensor
+    assert max(allocations.numel(shape) for shape, _ in allocations.made) == 8 * 1000
+    # autograd keeps the hidden states' gradient and nothing else of any size (no logits, no weight, no hidden)
+    assert sum(t.numel() for t in saved) == hidden.numel()
+    expected = torch.autograd.grad(reference(hidden, weight, None, targets, reduction="sum"), [hidden])[0]
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_one_logits_buffer_serves_every_chunk():
+    hidden, weight, bias, targets = inputs(rows=64, width=32, vocab=1000)
+    allocations = Allocations()
+    with allocations:
+        loss = linear_cross_entropy(hidden, weight, targets, bias, rows_per_chunk=8)
+    chunk_sized = [shape for shape, _ in allocations.made if allocations.numel(shape) >= 8 * 1000]
+    # one (8 x 1000) buffer for the 8 chunks, and the weight's gradient, accumulated in place
+    assert sorted(chunk_sized) == sorted([(8, 1000), tuple(weight.shape)])
+    expected = reference(hidden, weight, bias, targets)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_without_grad_only_the_logits_buffer_is_allocated():
+    hidden, weight, bias, targets = inputs(rows=64, width=32, vocab=1000)
+    allocations = Allocations()
+    with torch.no_grad(), allocations:
+        linear_cross_entropy(hidden, weight, targets, bias, rows_per_chunk=8)
+    assert [shape for shape, _ in allocations.made if allocations.numel(shape) >= 64 * 32] == [(8, 1000)]

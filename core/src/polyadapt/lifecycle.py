@@ -152,8 +152,11 @@ def inference_context(
 def open_base(config: AdaptConfig, run_dir: Path | None, pm: PolyadaptPluginManager | None = None) -> ModalityRun:
     """A run of ``config``'s modality with its base model loaded on the inference device, no adapter attached."""
     pm = pm or get_plugin_manager()
+    from .recipe import freeze_base
+
     run = pm.get_modality(config.modality).open(inference_context(config, run_dir, pm))
     run.load_base()
+    freeze_base(run)
     run.model.to(run.ctx.device)
     run.model.eval()
     return run

@@ -40,32 +40,58 @@ def _linear_cross_entropy_function() -> type:
     import torch
 
     class LinearCrossEntropy(torch.autograd.Function):
-        """Sum of cross-entropies of ``hidden @ weight.T + bias`` against ``targets``, gradients computed in forward."""
+        """Sum of cross-entropies of ``hidden @ weight.T + bias`` against ``targets``, gradients computed in forward.
+
+        Memory: one fp32 ``rows x V`` buffer holds each chunk's logits, turned in place into its softmax and then into
+        the gradient of the logits (plus one ``rows x V`` buffer in the compute dtype when that is not fp32); nothing
+        of size ``V x H`` is allocated unless ``weight`` itself needs a gradient. Only the gradients are saved for the
+        backward pass (the hidden states and the weight are not)."""
 
         @staticmethod
         def forward(ctx, hidden, weight, bias, targets, rows, need_hidden, need_weight, need_bias):
+            count, vocab = hidden.shape[0], weight.shape[0]
+            rows = min(rows, count)
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             grad_hidden = torch.empty_like(hidden) if need_hidden else None
             grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
             grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
-            for start in range(0, hidden.shape[0], rows):
+            any_grad = need_hidden or need_weight or need_bias
+            # the chunk's logits, softmax and logit gradient, in fp32, reused from chunk to chunk
+            buffer = torch.empty((rows, vocab), dtype=torch.float32, device=hidden.device)
+            # the matmuls' own output (and input) in the compute dtype, when that is not fp32
+            low = None if hidden.dtype == torch.float32 else torch.empty((rows, vocab), dtype=hidden.dtype,
+                                                                         device=hidden.device)  # fmt: skip
+            for start in range(0, count, rows):
                 chunk = hidden[start : start + rows]
-                target = targets[start : start + rows]
-                index = torch.arange(target.shape[0], device=hidden.device)
-                logits = torch.matmul(chunk, weight.t())
-                if bias is not None:
-                    logits = logits + bias
-                log_probs = torch.log_softmax(logits.float(), dim=-1)
-                total -= log_probs[index, target].sum()
-                if grad_hidden is None and grad_weight is None and grad_bias is None:
+                target = targets[start : start + rows, None]
+                n = chunk.shape[0]
+                logits = buffer[:n]
+                if low is None:
+                    torch.matmul(chunk, weight.t(), out=logits)
+                    if bias is not None:
+                        logits += bias
+                else:
+                    product = torch.matmul(chunk, weight.t(), out=low[:n])
+                    if bias is not None and bias.dtype == product.dtype:
+                        product += bias  # in the compute dtype, as ``chunk @ weight.T + bias`` would be
+                    logits.copy_(product)
+                    if bias is not None and bias.dtype != product.dtype:
+                        logits += bias  # a wider bias promotes the sum
+                # -log softmax(z)[t] = log(sum(exp(z - max))) + max - z[t], the exponentials taken in place
+                top = logits.amax(dim=1, keepdim=True)
+                picked = logits.gather(1, target)
+                sums = logits.sub_(top).exp_().sum(dim=1, keepdim=True)
+                total += (sums.log() + top - picked).sum()
+                if not any_grad:
                     continue
-                # d(loss)/d(logits) = softmax - one_hot(target), built in place over the log-probabilities
-                grad_logits = log_probs.exp_()
-                grad_logits[index, target] -= 1.0
+                # d(loss)/d(logits) = softmax - one_hot(target), built in place over the exponentials
+                grad_logits = logits.div_(sums)
+                grad_logits.scatter_add_(1, target, torch.full_like(picked, -1.0))
                 if grad_hidden is not None:
-                    grad_hidden[start : start + rows] = torch.matmul(grad_logits.to(chunk.dtype), weight)
+                    operand = grad_logits if low is None else low[:n].copy_(grad_logits)
+                    torch.matmul(operand, weight, out=grad_hidden[start : start + n])
                 if grad_weight is not None:
-                    grad_weight += torch.matmul(grad_logits.t(), chunk.float())
+                    grad_weight.addmm_(grad_logits.t(), chunk.float())
                 if grad_bias is not None:
                     grad_bias += grad_logits.sum(dim=0)
             ctx.save_for_backward(

@@ -146,6 +146,7 @@ class AdaptRecipe:
         )  # fmt: skip
         run = self.modality_run = self.modality.open(ctx)
         run.load_base()
+        freeze_base(run)
         run.model.to(ctx.device)
         for key, value in run.info.items():
             setattr(self.manifest.base, key, value)
@@ -266,6 +267,13 @@ def measure(
         add_plugin_metrics(result, pm.metrics(run.modality.name))
     accelerator.wait_for_everyone()
     return result
+
+
+def freeze_base(run: ModalityRun) -> None:
+    """No base weight is ever trained (only the adapter added later is): frozen right after loading, so that
+    ``evaluating`` has no base weight to save and restore, and nothing can update one by mistake."""
+    for module in run.trainable_modules():
+        module.requires_grad_(False)
 
 
 def limit(samples: Any, max_samples: int | None) -> list[Any]:

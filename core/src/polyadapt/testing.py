@@ -118,8 +118,11 @@ def _open(config: AdaptConfig, run_dir: Path | None = None) -> ModalityRun:
     ctx = RunContext(
         config=config, base=resolve_base(config.base), device=torch.device("cpu"), dtype=torch.float32, run_dir=run_dir
     )
+    from .recipe import freeze_base
+
     run = _modality(config).open(ctx)
     run.load_base()
+    freeze_base(run)
     run.model.to(ctx.device)
     return run
 
