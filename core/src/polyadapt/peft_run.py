@@ -194,14 +194,7 @@ class PeftRun(ModalityRun):
 
         This is peft's mixed-adapter batch (the ``adapter_names`` forward argument), held for a whole block so that a
         modality's own generation loop needs no change."""
-        attached = self.adapter_names()
-        unknown = sorted({n for n in names if n is not None and n not in attached})
-        if unknown:
-            raise ConfigError(f"no adapter named {', '.join(unknown)} (attached: {', '.join(attached) or 'none'})")
-        for name in sorted({n for n in names if n is not None}):
-            config = self.model.peft_config[name]
-            if str(config.peft_type.value) != "LORA" or getattr(config, "use_dora", False):
-                raise ConfigError(f"adapter {name!r}: only plain LoRA adapters can share one batch (peft)")
+        self.check_adapter_batch(names)
         rows = [BASE_ROW if n is None else n for n in names]
         base_only = self._adapters_off()
         self._base_only(False)  # rows that want the base say so themselves
@@ -210,6 +203,22 @@ class PeftRun(ModalityRun):
                 yield
         finally:
             self._base_only(base_only)
+
+    def check_adapter_batch(self, names: Sequence[str | None]) -> None:
+        """Refuse names that are not attached, and adapters peft cannot mix in one batch (anything but plain LoRA),
+        with a :class:`ConfigError` naming them."""
+        attached = self.adapter_names()
+        unknown = sorted({n for n in names if n is not None and n not in attached})
+        if unknown:
+            raise ConfigError(f"no adapter named {', '.join(unknown)} (attached: {', '.join(attached) or 'none'})")
+        for name in sorted({n for n in names if n is not None}):
+            config = self.model.peft_config[name]
+            kind = str(getattr(config.peft_type, "value", config.peft_type))
+            if kind != "LORA" or getattr(config, "use_dora", False):
+                method = "dora" if kind == "LORA" else kind.lower()
+                raise ConfigError(
+                    f"adapter {name!r} ({method}): only LoRA adapters can answer different rows of one batch"
+                )
 
     def _adapters_off(self) -> bool:
         from peft.tuners.tuners_utils import BaseTunerLayer

@@ -55,6 +55,7 @@ class AdaptRecipe:
         self.modality: Modality = self.pm.get_modality(self.config.modality)
         self.rundir = RunDirectory(self.config.output)
         self.accelerator: Any = None
+        self.base: Any = None
         self.manifest: Manifest | None = None
         self.modality_run: ModalityRun | None = None
         self.splits: DatasetSplits | None = None

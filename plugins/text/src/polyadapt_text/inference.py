@@ -89,9 +89,7 @@ def generate_per_row(
     the same batches: each batch runs inside ``run.adapter_batch`` with its rows' adapter names."""
     if len(adapters) != len(prompts):
         raise ConfigError(f"{len(prompts)} prompt(s) but {len(adapters)} adapter name(s); give one per prompt")
-    problem = mixed_batch_problem(run.model, {name for name in adapters if name is not None})
-    if problem:
-        raise ConfigError(problem)
+    run.check_adapter_batch(adapters)  # before any batch is generated
     outputs: list[str] = []
     for start in range(0, len(prompts), batch_size):
         rows = slice(start, start + batch_size)
@@ -101,21 +99,6 @@ def generate_per_row(
                 seed if start == 0 else None,
             )  # fmt: skip
     return outputs
-
-
-def mixed_batch_problem(model: Any, names: set[str]) -> str | None:
-    """Why adapters ``names`` cannot share a batch, or None: peft mixes plain LoRA adapters only (DoRA, IA3 and prefix
-    tuning would otherwise fail deep inside peft, with its own error)."""
-    configs = getattr(model, "peft_config", {})
-    for name in sorted(names):
-        config = configs.get(name)
-        if config is None:
-            continue  # unknown names are the adapter_batch's to report
-        kind = str(getattr(config.peft_type, "value", config.peft_type))
-        if kind != "LORA" or getattr(config, "use_dora", False):
-            method = "dora" if kind == "LORA" else kind.lower()
-            return f"adapter {name!r} ({method}): only LoRA adapters can answer different rows of one batch"
-    return None
 
 
 def _prompt_learning(model: Any) -> bool:
