@@ -79,6 +79,7 @@ def write_config(base: Path, data: Path, out: Path, steps: int, batch: int, cach
         "modality": "image", "base": str(base), "data": {"path": str(data)}, "output": str(out),
         "peft": {"r": 8, "alpha": 8, "dropout": 0.0},
         "train": {"max_steps": steps, "batch_size": batch, "lr": 1e-4, "precision": "auto", "scheduler": "constant",
+                  "warmup_steps": 0, "eval_every": None,
                   "log_every": 1},
         "image": {"resolution": resolution, "cache_latents": cache, "cache_text_embeddings": cache},
     }  # fmt: skip

@@ -75,6 +75,7 @@ def speech_config(args: dict, output: str):
             "modality": "speech", "base": "benchmark/whisper-2x128", "data": {"path": str(DATA)}, "output": output,
             "peft": {"method": "lora", "r": LORA_R, "alpha": 2 * LORA_R, "dropout": 0.0},
             "train": {"max_steps": args["steps"], "lr": LR, "batch_size": args["batch_size"], "scheduler": "constant",
+                      "warmup_steps": 0, "eval_every": None,
                       "max_grad_norm": 1.0, "seed": 0, "precision": args["precision"], "log_every": 1},
             "speech": {"features_on_device": True},
         }

@@ -135,6 +135,7 @@ def run_polyadapt(args: dict) -> dict:
                 "output": tmp,
                 "peft": {"method": "lora", "r": LORA_R, "alpha": 2 * LORA_R, "dropout": 0.0},
                 "train": {"max_steps": args["steps"], "lr": LR, "batch_size": args["batch_size"], "scheduler": "constant",
+                          "warmup_steps": 0, "eval_every": None,
                           "max_grad_norm": 1.0, "seed": SEED, "precision": args["precision"], "log_every": 1},
                 "text": settings(args["max_length"], args["packing"]).model_dump(),
             }

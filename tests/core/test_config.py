@@ -166,7 +166,7 @@ def test_hub_ids_and_local_paths_resolve(tmp_path):
             "train.early_stopping_metric: 'maee' is not a metric the toy modality reports "
             "(valid: eval_loss, mae, max_abs_error)",
         ),
-        (["train.early_stopping_patience=2"], "train: early_stopping_patience needs eval_every"),
+        (["train.early_stopping_patience=2", "train.eval_every=null"], "train: early_stopping_patience needs eval_every"),
         (["peft.method=dora", "toy.hidden=2"], "toy.hidden: dora needs at least 4 hidden units"),
         (["train.num_workers=2"], "train.num_workers: unknown key"),
     ],
@@ -180,7 +180,7 @@ def test_what_the_modality_cannot_run_fails_at_validation(raw, overrides, expect
 def test_a_bad_combination_fails_before_any_model_or_data_is_touched(toy_config, tmp_path):
     from .conftest import run_cli
 
-    config = toy_config(train={"early_stopping_patience": 2})
+    config = toy_config(train={"early_stopping_patience": 2, "eval_every": None})
     result = run_cli("adapt", str(config))
     assert result.returncode == 2 and "early_stopping_patience needs eval_every" in result.stderr
     assert not (tmp_path / "run").exists()

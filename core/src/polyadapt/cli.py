@@ -110,6 +110,42 @@ def adapt(config: Path, overrides: tuple[str, ...], resume: bool, overwrite: boo
     click.echo(f"run: {run_dir}  (report: {run_dir / 'report.html'})")
 
 
+@cli.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("--trials", required=True, type=click.IntRange(min=1), help="Finished trials the study should have.")
+@click.option(
+    "--search", default="lr,r,epochs", show_default=True, help="Comma-separated values to search: lr, r, epochs."
+)
+@click.option(
+    "--backend", type=click.Choice(["optuna", "ray"]), default="optuna", show_default=True, help="Who runs the trials."
+)
+@click.option("--ray-address", help="Ray cluster to run on (default: a local Ray instance started for the search).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=OVERRIDE_HELP)
+def tune(
+    config: Path, trials: int, search: str, backend: str, ray_address: str | None, overrides: tuple[str, ...]
+) -> None:
+    """Search hyperparameters for CONFIG: each trial is a full adapt run in <output>-tune/, scored on the held-out
+    metric; writes trials.json and best.yaml there. Running the same command again resumes the study."""
+    from .errors import TuneError
+    from .tune import first_line, format_table
+    from .tune import tune as run_tune
+
+    def report(trial: Any) -> None:
+        outcome = first_line(trial.error) if trial.error else f"{trial.value:.6g}"
+        click.echo(f"trial {trial.number} {trial.state}: {outcome} ({trial.seconds or 0:.1f} s)", err=True)
+
+    try:
+        result = run_tune(
+            config, trials, search=search, backend=backend, overrides=overrides, ray_address=ray_address,
+            on_trial=report,
+        )  # fmt: skip
+    except TuneError as exc:
+        if exc.result is not None:
+            click.echo(format_table(exc.result))
+        raise
+    click.echo(format_table(result))
+
+
 def _print_metrics(report: dict[str, Any]) -> None:
     rows = report["metrics"]
     width = max([len(r["metric"]) for r in rows] + [6])

@@ -19,7 +19,7 @@ import copy
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -69,13 +69,26 @@ class PeftSection(Section):
     init_weights: bool = Field(True, description="Initialise the adapter as the identity (peft's default).")
 
 
+AUTO = "auto"
+Auto = Literal["auto"]
+
+
 class TrainConfig(Section):
-    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run (exclusive with epochs).")
-    epochs: float | None = Field(None, gt=0, description="Passes over the training data (exclusive with max_steps).")
-    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    """How long and how fast to train. Every ``auto`` value (the default) is chosen when the run starts from what is
+    known then (samples, tokens or seconds, model size, PEFT method and rank, batch size) by the modality's
+    :class:`polyadapt.defaults.TrainingRule`; the choice and its reason are printed and recorded in the manifest's
+    ``auto`` section. An explicit value always wins."""
+
+    max_steps: Annotated[int, Field(ge=1)] | Auto | None = Field(
+        None, description="Optimizer steps to run (exclusive with epochs); unset with epochs unset: auto."
+    )
+    epochs: Annotated[float, Field(gt=0)] | Auto | None = Field(
+        None, description="Passes over the training data (exclusive with max_steps); unset with max_steps: auto."
+    )
+    lr: Annotated[float, Field(gt=0)] | Auto = Field(AUTO, description="Peak learning rate; auto: from the method, rank, model and batch size.")
     weight_decay: float = Field(0.0, ge=0)
     scheduler: Literal["constant", "linear", "cosine"] = Field("cosine", description="Decay after warmup.")
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: Annotated[int, Field(ge=0)] | Auto = Field(AUTO, description="Linear warmup steps; auto: 5% of the steps.")
     batch_size: int = Field(8, ge=1, description="Samples per micro-batch per process.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null disables it.")
@@ -85,27 +98,48 @@ class TrainConfig(Section):
     grad_checkpointing: bool = False
     group_by_length: bool = Field(False, description="Batch samples of similar length together (less padding).")
     seed: int = 0
-    eval_every: int | None = Field(None, ge=1, description="Evaluate every N steps (and always at the end).")
+    eval_every: Annotated[int, Field(ge=1)] | Auto | None = Field(
+        AUTO,
+        description="Evaluate on the held-out split every N steps (and at the end) and keep the best adapter; "
+        "auto: about 8 evaluations per run; null: only at the end.",
+    )
     save_every: int | None = Field(None, ge=1, description="Save a resumable checkpoint every N steps.")
     keep_checkpoints: int = Field(2, ge=1, description="Resumable checkpoints kept on disk (the newest ones).")
-    early_stopping_patience: int | None = Field(
-        None, ge=1, description="Stop after N evaluations without improvement of the early-stopping metric."
+    early_stopping_patience: Annotated[int, Field(ge=1)] | Auto | None = Field(
+        AUTO,
+        description="Stop after N evaluations without improvement of the early-stopping metric; auto: 3 "
+        "(with periodic evaluation); null: never stop early.",
     )
     early_stopping_metric: str = Field(
-        "eval_loss", description="eval_loss, or a metric the modality reports (direction from the modality)."
+        AUTO,
+        description="The held-out metric periodic evaluation ranks adapters by: eval_loss, or a metric the modality "
+        "reports (direction from the modality); auto: the modality's rule.",
     )
     log_every: int = Field(1, ge=1)
     trackers: list[Literal["tensorboard"]] = Field(default_factory=list, description="accelerate trackers.")
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> TrainConfig:
-        if self.max_steps is not None and self.epochs is not None:
+        if isinstance(self.max_steps, int) and isinstance(self.epochs, float | int):
             raise ValueError("set either max_steps or epochs, not both")
-        if self.early_stopping_patience is not None and self.eval_every is None:
+        if isinstance(self.early_stopping_patience, int) and self.eval_every is None:
             raise ValueError(
                 "early_stopping_patience needs eval_every (early stopping counts periodic evaluations); set both"
             )
         return self
+
+    @property
+    def length_is_auto(self) -> bool:
+        return not isinstance(self.max_steps, int) and not isinstance(self.epochs, float | int)
+
+    @property
+    def auto_keys(self) -> list[str]:
+        """The keys a rule chooses for this config (those left ``auto``)."""
+        keys = ["length"] if self.length_is_auto else []
+        keys += [k for k in ("lr", "warmup_steps", "eval_every", "early_stopping_patience") if getattr(self, k) == AUTO]
+        if self.early_stopping_metric == AUTO:
+            keys.append("early_stopping_metric")
+        return keys
 
 
 class EvalConfig(Section):
@@ -236,7 +270,7 @@ UNION_TAGS = ("int", "float", "str", "bool", "none", "list", "dict")
 
 
 def _is_union_tag(part: str) -> bool:
-    return "[" in part or part in UNION_TAGS
+    return "[" in part or part in UNION_TAGS or part.startswith("constrained-")
 
 
 def format_validation_error(error: ValidationError, model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -328,6 +362,8 @@ def modality_problems(modality: Any, config: AdaptConfig, pm: Any) -> list[str]:
             f"(supported: {', '.join(modality.peft_methods)})"
         )
     metric = config.train.early_stopping_metric
+    if metric == AUTO:
+        return [*problems, *modality.check_config(config)]
     reported = modality.reported_metrics(config) | {m.name for m in pm.metrics(modality.name)}
     if metric not in reported:
         problems.append(

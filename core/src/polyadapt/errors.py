@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class PolyadaptError(Exception):
     """Base of every error polyadapt raises on purpose. The CLI exits 2 on these."""
@@ -58,3 +60,12 @@ class TrainingDivergedError(PolyadaptError):
 
 class ExportError(PolyadaptError):
     """An export failed, for example because the parity gate measured too large a gap."""
+
+
+class TuneError(PolyadaptError):
+    """``polyadapt tune`` cannot run, or every trial failed. ``result`` holds the trials when there are any (a
+    :class:`polyadapt.tune.TuneResult`)."""
+
+    def __init__(self, message: str, result: Any = None) -> None:
+        super().__init__(message)
+        self.result = result

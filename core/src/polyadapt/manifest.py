@@ -93,6 +93,8 @@ class DataRecord(Record):
 
 
 class MetricsRecord(Record):
+    #: the metric that decides whether the adapted model is better (``Modality.headline_metric``)
+    headline: str | None = None
     before: dict[str, float] | None = None
     after: dict[str, float] | None = None
     general_before: dict[str, float] | None = None
@@ -108,7 +110,9 @@ class AdapterRecord(Record):
 class TrainingRecord(Record):
     steps: int
     total_steps: int
+    #: full passes over the training items; ``epochs`` is the fraction (optimizer steps x global batch / items)
     epochs_completed: int
+    epochs: float | None = None
     samples_seen: int
     seconds: float
     stopped_early: bool
@@ -134,7 +138,11 @@ class Manifest(Record):
     started: str
     finished: str | None = None
     resumed: list[str] = Field(default_factory=list)
+    #: ``{"train.lr": {"value": 0.001, "rule": "..."}}``: every value polyadapt chose, and why
+    auto: dict[str, dict[str, Any]] = Field(default_factory=dict)
     metrics: MetricsRecord = Field(default_factory=MetricsRecord)
+    #: whether the adapted model beats the base on ``metrics.headline`` (None: no "before" to compare with)
+    improved: bool | None = None
     adapter: AdapterRecord | None = None
     training: TrainingRecord | None = None
     evaluations: list[dict[str, Any]] = Field(default_factory=list)

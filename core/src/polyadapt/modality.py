@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
+from .defaults import TrainingRule
+
 if TYPE_CHECKING:
     import click
     import torch
@@ -165,6 +167,9 @@ class Modality(ABC):
     settings_model: ClassVar[type[BaseModel]] = ModalitySettings
     #: the metric that sums up "better"
     primary_metric: ClassVar[str] = "eval_loss"
+    #: metrics that sum up "better", in order of preference, for data that reports them (text data with
+    #: ``answer_contains`` reports fact accuracy; other text data only the loss); default: ``(primary_metric,)``
+    headline_metrics: ClassVar[tuple[str, ...]] = ()
     #: every metric ``evaluate`` may report, with whether higher is better (``eval_loss`` is always reported)
     metrics: ClassVar[dict[str, bool]] = {}
     #: the ``peft.method`` values this modality can train
@@ -175,6 +180,8 @@ class Modality(ABC):
     data_layout: ClassVar[str] = "train and validation splits"
     #: the per-run class ``open`` makes
     run_class: ClassVar[type[ModalityRun]]
+    #: how ``auto`` training values are chosen (:mod:`polyadapt.defaults`); a modality sets its reference values
+    training_rule: ClassVar[TrainingRule] = TrainingRule(reference_lr=1e-3, reference_params=1e8, min_steps=100)
 
     # -- before any model loads --------------------------------------------------------------------------------------
     @abstractmethod
@@ -193,6 +200,11 @@ class Modality(ABC):
         validation, before any model loads. Default: none."""
         return []
 
+    def auto_stop_metric(self, config: AdaptConfig, heldout: Sequence[Any]) -> str:
+        """The metric ``train.early_stopping_metric: auto`` ranks periodic evaluations by, for these held-out
+        samples. Default: the rule's ``stop_metric``."""
+        return self.training_rule.stop_metric
+
     def reported_metrics(self, config: AdaptConfig) -> set[str]:
         """The metrics a run with ``config`` reports (what ``train.early_stopping_metric`` may name)."""
         return {"eval_loss", *self.metrics}
@@ -206,6 +218,14 @@ class Modality(ABC):
         if metric in self.metrics:
             return self.metrics[metric]
         return not any(word in metric for word in ("loss", "perplexity", "wer", "cer", "distance", "error"))
+
+    def headline_metric(self, metrics: dict[str, float]) -> str | None:
+        """The metric that decides "better" among ``metrics``: the first of ``headline_metrics`` (else
+        ``primary_metric``) that they hold, then ``eval_loss``; None when they hold none of these."""
+        for name in (*(self.headline_metrics or (self.primary_metric,)), "eval_loss"):
+            if name in metrics:
+                return name
+        return None
 
     def usage(self, run_dir: Path, base: str) -> str:
         """Markdown telling how to load a run's adapter without polyadapt (the last section of its model card)."""
@@ -234,6 +254,9 @@ class ModalityRun(ABC):
         self.settings: Any = ctx.settings
         self.model: Any = None
         self.info: dict[str, Any] = {}
+        #: values of ``settings`` that ``load_base`` chose from the base (``settings`` holds them), as the manifest's
+        #: ``auto`` records them: ``{"image.resolution": {"value": 32, "rule": "..."}}``
+        self.auto: dict[str, dict[str, Any]] = {}
 
     # -- model -------------------------------------------------------------------------------------------------------
     @abstractmethod

@@ -151,10 +151,52 @@ class AdaptRecipe:
         run.model.to(ctx.device)
         for key, value in run.info.items():
             setattr(self.manifest.base, key, value)
+        self.adopt_settings(run)
         self.train_split = run.prepare(self.splits.train, True)
         self.eval_split = run.prepare(self.eval_samples, False)
         self.manifest.data.prepared = {"train": self.train_split.stats, "validation": self.eval_split.stats}
+        self.resolve_training()
         self.general = general_data(self.modality, run, self.config, self.base)
+
+    def adopt_settings(self, run: ModalityRun) -> None:
+        """Take the modality section as the run resolved it on loading its base (``auto`` values it chose from the
+        base, recorded in ``run.auto``) into the config and the manifest."""
+        from dataclasses import replace
+
+        settings = run.settings
+        if settings is not None and settings != self.config.settings:
+            self.config = self.config.model_copy(update={"settings": settings})
+            run.ctx = replace(run.ctx, config=self.config)
+            self.manifest.config = self.config.to_dict()
+        self.manifest.auto.update(run.auto)
+
+    def resolve_training(self) -> None:
+        """Choose every ``auto`` train value (:mod:`polyadapt.defaults`) now that the data and the model are known;
+        print the choices with their reasons and record them in the manifest."""
+        from dataclasses import replace
+
+        from .defaults import TrainingFacts, resolve_training
+
+        run, rule = self.modality_run, self.modality.training_rule
+        facts = TrainingFacts(
+            items=len(self.train_split.items),
+            params=sum(p.numel() for m in run.trainable_modules() for p in m.parameters()),
+            amount=self.train_split.stats.get(rule.amount) if rule.amount else None,
+            heldout=len(self.eval_split.items),
+            num_processes=self.accelerator.num_processes,
+        )
+        metric = self.modality.auto_stop_metric(self.config, self.eval_samples)
+        resolved = resolve_training(self.config, rule, facts, metric)
+        self.config = resolved.config
+        run.ctx = replace(run.ctx, config=self.config)
+        self.manifest.config = self.config.to_dict()
+        self.manifest.auto.update(resolved.choices)
+        if self.is_main and self.manifest.auto:
+            import click
+
+            click.echo("auto training values (set them in the config to override):", err=True)
+            for key, choice in self.manifest.auto.items():
+                click.echo(f"  {key} = {choice['value']}  <- {choice['rule']}", err=True)
 
     def evaluate_before(self) -> None:
         """The base model's held-out (and general-data) metrics, unless a resumed run measured them already."""
@@ -185,7 +227,7 @@ class AdaptRecipe:
         )
         if config.train.trackers:
             self.accelerator.init_trackers("polyadapt", config=_flat_hparams(config))
-        extra_eval = self._metric_eval if config.train.early_stopping_metric != "eval_loss" else None
+        extra_eval = self._metric_eval if self.config.train.early_stopping_metric != "eval_loss" else None
         self.result = train_loop(
             accelerator=self.accelerator, run=run, train_split=self.train_split, eval_split=self.eval_split,
             run_dir=self.run_dir, callbacks=self.pm.callbacks(config), resume_from=self.resume_from,
@@ -213,12 +255,14 @@ class AdaptRecipe:
             manifest.metrics.after = self.after.metrics
             manifest.metrics.general_after = self.general_after.metrics if self.general_after else None
             manifest.training = TrainingRecord(
-                steps=state.step, total_steps=state.total_steps, epochs_completed=state.epoch,
+                steps=state.step, total_steps=state.total_steps, epochs_completed=self.result.epochs_completed,
+                epochs=self.result.epochs,
                 samples_seen=state.samples_seen, seconds=round(self.result.seconds, 3),
                 stopped_early=state.stopped_early, best_step=state.best_step, best_metric=state.best_metric,
                 resumed_from=str(self.resume_from) if self.resume_from else None,
             )  # fmt: skip
             manifest.adapter.files = adapter_files(self.run_dir)
+            verdict = judge(self.modality, manifest)
             sections = run.report_sections(before, self.after, self.run_dir) if isinstance(run, ReportSections) else []
             write_reports(
                 self.run_dir, self.modality, manifest.to_json(), before, self.after,
@@ -229,6 +273,10 @@ class AdaptRecipe:
                 self.run_dir, self.modality, manifest.to_json(), self.modality.usage(self.run_dir, self.base.reference)
             )
             self.rundir.complete(manifest)
+            if verdict is not None:
+                import click
+
+                click.echo(verdict, err=True)
         self.accelerator.wait_for_everyone()
 
     # -- helpers -----------------------------------------------------------------------------------------------------
@@ -268,6 +316,23 @@ def measure(
         add_plugin_metrics(result, pm.metrics(run.modality.name))
     accelerator.wait_for_everyone()
     return result
+
+
+def judge(modality: Modality, manifest: Manifest) -> str | None:
+    """Set ``manifest.metrics.headline`` and ``manifest.improved``; return the warning to print when the adapted model
+    is not better than the base on the headline metric (None when it is, or when there is no "before")."""
+    from .defaults import not_improved_warning
+
+    before, after = manifest.metrics.before, manifest.metrics.after or {}
+    name = modality.headline_metric(after)
+    manifest.metrics.headline = name
+    if not before or name is None or name not in before:
+        manifest.improved = None
+        return None
+    higher = modality.higher_is_better(name)
+    b, a = round(before[name], 6), round(after[name], 6)
+    manifest.improved = a > b if higher else a < b
+    return None if manifest.improved else not_improved_warning(modality, manifest)
 
 
 def freeze_base(run: ModalityRun) -> None:

@@ -43,9 +43,17 @@ def write_reports(
     rows = compare(before.metrics if before else None, after.metrics, higher)
     general_rows = compare(general[0], general[1], higher) if general and general[1] else []
     history = _read_history(run_dir / "metrics.jsonl")
+    warning = None
+    if manifest.get("improved") is False:
+        from .defaults import not_improved_warning
+        from .manifest import parse_manifest
+
+        warning = not_improved_warning(modality, parse_manifest(manifest, "manifest"))
     report = {
         "modality": modality.name,
-        "primary_metric": modality.primary_metric,
+        "primary_metric": (manifest.get("metrics") or {}).get("headline") or modality.primary_metric,
+        "improved": manifest.get("improved"),
+        "warning": warning,
         "base": manifest.get("base", {}).get("reference"),
         "metrics": rows,
         "general_metrics": general_rows,
@@ -204,6 +212,8 @@ tr.better td:last-child{color:#12805c;font-weight:600}tr.worse td:last-child{col
 svg .axis{stroke:#9aa7b4}svg .train{fill:none;stroke:#1f6feb;stroke-width:2}svg .eval{fill:#e8590c}svg text{font-size:11px;fill:#5b6b7c}
 dl{display:grid;grid-template-columns:max-content 1fr;gap:.2rem 1rem}dt{color:#5b6b7c}dd{margin:0;word-break:break-all}
 code{background:#f5f7fa;padding:0 .25rem;border-radius:3px}
+.warning{background:#fdecea;border:2px solid #b42318;border-radius:6px;padding:.2rem 1rem;color:#7a1a12;font-weight:600}
+.warning pre{white-space:pre-wrap;font:inherit}
 """
 
 
@@ -228,6 +238,11 @@ def _render_html(
         "<!doctype html><html lang=en><head><meta charset=utf-8>",
         f"<title>polyadapt report: {html.escape(report['modality'])}</title><style>{STYLE}</style></head><body>",
         f"<h1>polyadapt report</h1><p class=sub>{html.escape(str(report.get('base')))} → adapted ({html.escape(report['modality'])})</p>",
+        *(
+            [f"<div class=warning role=alert><pre>{html.escape(report['warning'].strip('!').strip())}</pre></div>"]
+            if report.get("warning")
+            else []
+        ),
         "<h2>Held-out metrics, before vs after</h2>",
         _metrics_table(report["metrics"], report["primary_metric"]),
     ]

@@ -7,6 +7,7 @@ unfinished one is continued only with ``resume`` and the same config.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -73,7 +74,7 @@ class RunDirectory:
                 f"{path} holds an unfinished run (status: {manifest.status}); pass --resume to continue it or "
                 "--overwrite to restart"
             )
-        changed = sorted(diff_keys(manifest.config, config.to_dict()))
+        changed = sorted(diff_keys(manifest.config, with_auto_values(config.to_dict(), manifest.auto)))
         if changed:
             raise ConfigError(
                 f"--resume: the config differs from the run's in {', '.join(changed)}; resume with the same config"
@@ -96,6 +97,20 @@ class RunDirectory:
         manifest.error = None
         manifest.finished = now_iso()
         self.save(manifest)
+
+
+def with_auto_values(config: dict[str, Any], auto: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``config`` with the values an earlier run chose for the keys it had left ``auto`` (so that resuming with the
+    same file compares equal to the resolved config the run recorded)."""
+    config = json.loads(json.dumps(config))
+    for key, choice in auto.items():
+        *parents, last = key.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and node.get(last) in ("auto", None):
+            node[last] = choice["value"]
+    return config
 
 
 def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:

@@ -273,6 +273,29 @@ def check_bad_sample_is_reported(case: ModalityCase, directory: Path) -> None:
     assert 0 < kept < len(good.train) + len(good.validation), "the broken sample must be left out, the others kept"
 
 
+def check_training_rule_resolves(case: ModalityCase, directory: Path) -> None:
+    """The modality's :class:`polyadapt.defaults.TrainingRule` turns a config that sets no training value into a
+    concrete one (nothing left ``auto``, learning rate in range, at least one step), whose ``auto`` stop metric is one
+    the modality reports."""
+    from .config import validate_config
+    from .defaults import LR_RANGE, TrainingFacts, resolve_training
+    from .training import count_steps
+
+    raw = case.make(directory)
+    raw["train"] = {}
+    config = validate_config(raw)
+    modality = _modality(config)
+    splits = _splits(config)
+    metric = modality.auto_stop_metric(config, list(splits.validation))
+    assert metric in modality.reported_metrics(config), f"auto stop metric {metric!r} is not reported"
+    facts = TrainingFacts(items=len(splits.train), params=1_000_000, heldout=len(splits.validation))
+    resolved = resolve_training(config, modality.training_rule, facts, metric)
+    train = resolved.config.train
+    assert not train.auto_keys, train
+    assert LR_RANGE[0] <= train.lr <= LR_RANGE[1] and count_steps(train, len(splits.train), train.batch_size) >= 1
+    assert all(set(choice) == {"value", "rule"} for choice in resolved.choices.values()), resolved.choices
+
+
 def check_heldout_batches_are_deterministic(case: ModalityCase, directory: Path) -> None:
     """Held-out items and batches are the same every time, and so is their loss."""
     import torch
@@ -399,6 +422,7 @@ CHECKS: tuple[Callable[[ModalityCase, Path], None], ...] = (
     check_fail_fast,
     check_doctor_loads_no_model,
     check_bad_sample_is_reported,
+    check_training_rule_resolves,
     check_heldout_batches_are_deterministic,
     check_loss_weight_is_consistent,
     check_save_then_load_gives_identical_outputs,

@@ -132,6 +132,8 @@ def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
 
 
 def count_steps(train_cfg: Any, num_items: int, global_batch: int) -> int:
+    if "auto" in (train_cfg.max_steps, train_cfg.epochs):
+        raise ConfigError("train: the length is still 'auto' (polyadapt.defaults.resolve_training chooses it)")
     if train_cfg.max_steps is not None:
         return train_cfg.max_steps
     batches_per_epoch = math.ceil(num_items / global_batch)
@@ -184,6 +186,9 @@ class TrainResult:
     state: TrainState
     history: list[dict[str, Any]]
     seconds: float
+    #: full passes over the training items, and the fraction of passes made (batches drawn / batches per epoch)
+    epochs_completed: int = 0
+    epochs: float = 0.0
 
 
 def train_loop(
@@ -206,6 +211,11 @@ def train_loop(
 
     ctx = run.ctx
     cfg = ctx.config.train
+    unresolved = [k for k in cfg.auto_keys if k != "length"]
+    if unresolved:
+        raise ConfigError(
+            f"train: {', '.join(unresolved)} still 'auto' (polyadapt.defaults.resolve_training chooses them first)"
+        )
     eval_batch = ctx.config.eval.batch_size or cfg.batch_size
     is_main = accelerator.is_main_process
     num_items = len(train_split.items)
@@ -216,8 +226,8 @@ def train_loop(
     params = [p for m in run.trainable_modules() for p in m.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("peft: the adapter has no trainable parameters (check peft.target_modules)")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = TrainState(total_steps=count_steps(cfg, num_items, global_batch))
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.scheduler, cfg.warmup_steps, state.total_steps)
     )
@@ -349,7 +359,7 @@ def train_loop(
         if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < state.total_steps:
             metrics = run_eval()
             _record_eval(state, metrics, stop_metric, higher_better, cfg.early_stopping_patience)
-            if state.best_step == state.step and cfg.early_stopping_patience and is_main:
+            if state.best_step == state.step and is_main:
                 _save_best(unwrapped, best_path)
             record = {"step": state.step, **{f"eval/{k}": v for k, v in metrics.items()}}
             history.append(record)
@@ -365,10 +375,14 @@ def train_loop(
 
     if progress is not None:
         progress.close()
-    if cfg.early_stopping_patience and state.best_step is not None and best_path.exists():
-        # Early stopping keeps the best evaluated adapter, like `load_best_model_at_end`.
+    if cfg.eval_every and state.best_step is not None and best_path.exists():
+        # Periodic evaluation keeps the best evaluated adapter, not the last (`load_best_model_at_end`).
         final = run_eval()
         _record_eval(state, final, stop_metric, higher_better, None)
+        record = {"step": state.step, **{f"eval/{k}": v for k, v in final.items()}}
+        history.append(record)
+        if is_main:
+            _append_metrics(metrics_path, record)
         if state.best_step != state.step:
             from safetensors.torch import load_file
 
@@ -376,7 +390,12 @@ def train_loop(
     accelerator.wait_for_everyone()
     run.model = unwrapped
     call("on_train_end", state)
-    return TrainResult(state=state, history=history, seconds=time.perf_counter() - started)
+    batches_per_epoch = math.ceil(num_items / global_batch)
+    drawn = state.epoch * batches_per_epoch + state.batch_in_epoch
+    return TrainResult(
+        state=state, history=history, seconds=time.perf_counter() - started,
+        epochs_completed=drawn // batches_per_epoch, epochs=round(drawn / batches_per_epoch, 3),
+    )  # fmt: skip
 
 
 def _record_eval(

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from polyadapt.defaults import TrainingRule
 from polyadapt.errors import ConfigError
 from polyadapt.modality import DataFound, EvalResult, Modality, ModalityRun, ModalitySettings, PreparedSplit
 from polyadapt.peft_run import DEFAULT_ADAPTER
@@ -37,7 +38,12 @@ VALIDATION_DIR = "validation"
 class ImageSettings(ModalitySettings):
     """The ``image:`` section of a config."""
 
-    resolution: int = Field(512, ge=8, description="Training and generation size in pixels (square; multiple of 8).")
+    resolution: int | None = Field(
+        None,
+        ge=8,
+        description="Training and generation size in pixels (square; multiple of 8); default: the base's native size "
+        "(the denoiser's sample size times the VAE's scale factor, as diffusers pipelines do).",
+    )
     center_crop: bool = Field(True, description="Crop the centre after resizing the shorter side (else a random crop).")
     random_flip: bool = Field(False, description="Flip training images horizontally at random.")
     trigger: str | None = Field(None, description="Phrase added to every caption (see trigger_position).")
@@ -75,8 +81,8 @@ class ImageSettings(ModalitySettings):
 
     @field_validator("resolution")
     @classmethod
-    def _multiple_of_8(cls, value: int) -> int:
-        if value % 8:
+    def _multiple_of_8(cls, value: int | None) -> int | None:
+        if value is not None and value % 8:
             raise ValueError(f"{value} is not a multiple of 8")
         return value
 
@@ -123,10 +129,14 @@ class ImageModality(Modality):
     description = "text-to-image diffusion LoRA (Stable Diffusion 1.x/2.x, SDXL) for brand-style adaptation"
     settings_model = ImageSettings
     primary_metric = "eval_loss"
+    headline_metrics = ("brand_style_distance", "eval_loss")
     metrics = {"brand_style_distance": False, "brand_style_distance_vae": False, "clip_score": True}
     # what diffusers' LoRA loaders read back
     peft_methods = ("lora", "dora")
     capabilities = frozenset({"inference", "report", "multi_adapter"})
+    #: LoRA at 1e-4 for Stable Diffusion's 860M-parameter UNet (diffusers' LoRA recipe); style LoRAs take a few
+    #: hundred steps whatever the set's size, so small sets get many passes; loss-driven (images cost more)
+    training_rule = TrainingRule(reference_lr=1e-4, reference_params=860e6, min_steps=400, max_epochs=200)
     data_layout = LAYOUT
 
     def read_data(self, ctx: DataContext) -> DataFound:
@@ -226,6 +236,19 @@ class ImageRun(ModalityRun):
             "vae_scale_factor": int(2 ** (len(self.vae.config.block_out_channels) - 1)),
             "sample_size": int(sample_size) if isinstance(sample_size, int) else None,
         }
+        if settings.resolution is None:
+            self.settings = settings.model_copy(update={"resolution": self.native_resolution()})
+
+    def native_resolution(self) -> int:
+        """The base's own image size: the denoiser's sample size times the VAE's scale factor (diffusers' default
+        height and width); 512 when the denoiser does not say. Recorded in ``auto``."""
+        size, factor = self.info["sample_size"], self.info["vae_scale_factor"]
+        if isinstance(size, int):
+            value, why = size * factor, f"the denoiser's sample size {size} x the VAE's scale factor {factor}"
+        else:
+            value, why = 512, "the denoiser gives no square sample size; 512"
+        self.auto["image.resolution"] = {"value": value, "rule": why}
+        return value
 
     def add_adapter(self) -> None:
         """LoRA on the denoiser's attention projections (``peft.target_modules`` overrides them), and on the text

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field
 
+from polyadapt.defaults import TrainingRule
 from polyadapt.errors import ConfigError
 from polyadapt.modality import DataContext, DataFound, EvalResult, Modality, ModalitySettings, PreparedSplit
 from polyadapt.peft_run import PeftRun
@@ -196,6 +197,7 @@ class TextModality(Modality):
     description = "causal language models: continued pretraining, instruction and chat tuning (LoRA, DoRA, IA3, prefix)"
     settings_model = TextSettings
     primary_metric = "eval_loss"
+    headline_metrics = ("fact_accuracy", "token_f1", "eval_loss")
     metrics: ClassVar[dict[str, bool]] = {
         "perplexity": False,
         "exact_match": True,
@@ -204,6 +206,11 @@ class TextModality(Modality):
     }
     peft_methods = ("lora", "dora", "ia3", "prefix")
     capabilities = frozenset({"inference", "report", "multi_adapter", "batched_adapters"})
+    #: LoRA at 1e-3 is what SmolLM2-135M needs to learn facts; at least 150 steps, loss-driven (generating answers
+    #: at every periodic evaluation costs more than the steps between them on a CPU)
+    training_rule = TrainingRule(
+        reference_lr=1e-3, reference_params=135e6, min_steps=150, amount="tokens", max_amount=20e6
+    )
     data_layout = LAYOUT
     run_class = TextRun
 
