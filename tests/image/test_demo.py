@@ -23,3 +23,23 @@ def test_demo_config_moves_the_base_toward_the_brand(tmp_path):
     # closer to the brand's palette than the base, against the brand images themselves
     assert after["brand_style_distance"] < 0.75 * before["brand_style_distance"]
     assert sorted(p.name for p in (run / "validation").glob("*.png")) == ["adapted.png", "base.png"]
+
+
+@pytest.mark.slow
+def test_a_four_key_config_moves_the_base_toward_the_brand(tmp_path):
+    # Only modality, base, data and output: the native 32-pixel resolution and every training value are chosen.
+    import polyadapt
+    from polyadapt.config import validate_config
+
+    config = validate_config(
+        {"modality": "image", "base": str(ROOT / "sample_data/image/base"), "data": str(ROOT / "sample_data/image"),
+         "output": str(tmp_path / "run")}
+    )  # fmt: skip
+    run = polyadapt.adapt(config)
+    manifest = json.loads((run / "polyadapt.json").read_text())
+    before, after = manifest["metrics"]["before"], manifest["metrics"]["after"]
+    assert manifest["auto"]["image.resolution"]["value"] == 32 and manifest["config"]["image"]["resolution"] == 32
+    # measured: held-out loss 0.219 -> 0.080, brand-style distance 36.9 -> 21.0
+    assert after["eval_loss"] < 0.5 * before["eval_loss"]
+    assert after["brand_style_distance"] < 0.75 * before["brand_style_distance"]
+    assert manifest["improved"] is True and manifest["metrics"]["headline"] == "brand_style_distance"

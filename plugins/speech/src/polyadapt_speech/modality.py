@@ -101,10 +101,10 @@ class SpeechModality(Modality):
     # no prefix tuning: a config asking for it is refused at validation, before any model loads
     peft_methods = ("lora", "dora", "ia3")
     capabilities = frozenset({"inference", "report", "multi_adapter", "batched_adapters"})
-    #: LoRA at 1e-3 for whisper-tiny (39M); early stopping on the held-out WER (greedy decoding of the held-out
+    #: LoRA at 1e-3 for whisper-tiny (37.8M parameters); early stopping on the held-out WER (greedy decoding of the held-out
     #: clips is cheap next to training)
     training_rule = TrainingRule(
-        reference_lr=1e-3, reference_params=39e6, min_steps=40, amount="seconds", max_amount=72_000, stop_metric="wer"
+        reference_lr=1e-3, reference_params=37.8e6, min_steps=40, amount="seconds", max_amount=72_000, stop_metric="wer"
     )
     data_layout = (
         "train/, validation/ or test/ folders with metadata.csv or metadata.jsonl, or a metadata file at the root"
