@@ -127,9 +127,6 @@ class Resolved:
     config: AdaptConfig
     choices: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def lines(self) -> list[str]:
-        return [f"{key} = {c['value']}  ({c['rule']})" for key, c in self.choices.items()]
-
 
 def resolve_training(
     config: AdaptConfig, rule: TrainingRule, facts: TrainingFacts, stop_metric: str | None = None
@@ -143,25 +140,24 @@ def resolve_training(
         value, why = rule.lr(config.peft.method, config.peft.r, config.peft.alpha, facts.params, global_batch)
         update["lr"] = value
         choices["train.lr"] = {"value": value, "rule": why}
-    micro_per_epoch = math.ceil(facts.items / (train.batch_size * facts.num_processes))
-    steps_per_epoch = micro_per_epoch / train.grad_accum
+    from .training import count_steps
+
+    steps_per_epoch = math.ceil(facts.items / (train.batch_size * facts.num_processes)) / train.grad_accum
     if train.length_is_auto:
         epochs, why = rule.epochs(facts.items, steps_per_epoch, facts.amount)
         update.update(epochs=epochs, max_steps=None)
-        steps = max(1, math.ceil(epochs * micro_per_epoch / train.grad_accum))
-        choices["train.epochs"] = {
-            "value": epochs,
-            "rule": f"{why}; {facts.items} items, {steps_per_epoch:.3g} steps per epoch -> {steps} steps",
-        }
-    else:
-        epochs = train.epochs if isinstance(train.epochs, float | int) else None
-        steps = train.max_steps if isinstance(train.max_steps, int) else 0
-        if epochs is not None:
-            steps = max(1, math.ceil(epochs * micro_per_epoch / train.grad_accum))
+    else:  # one of them is set; the other may say auto, which means unset
         update.update(
             max_steps=train.max_steps if isinstance(train.max_steps, int) else None,
-            epochs=epochs,
+            epochs=train.epochs if isinstance(train.epochs, float | int) else None,
         )
+    length = train.model_copy(update={"max_steps": update["max_steps"], "epochs": update["epochs"]})
+    steps = count_steps(length, facts.items, train.batch_size * facts.num_processes)
+    if train.length_is_auto:
+        choices["train.epochs"] = {
+            "value": update["epochs"],
+            "rule": f"{why}; {facts.items} items, {steps_per_epoch:.3g} steps per epoch -> {steps} steps",
+        }
     if train.warmup_steps == AUTO:
         warmup = round(WARMUP_FRACTION * steps)
         update["warmup_steps"] = warmup
