@@ -73,3 +73,17 @@ def run_cli(*args: str, env: dict | None = None, check: bool = False) -> subproc
             f"polyadapt {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
         )
     return result
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url():
+    """A real PostgreSQL server for the session (Debian's binaries); skipped with the reason when they are missing,
+    unless POLYADAPT_REQUIRE_POSTGRES is set (CI), where a missing server fails."""
+    from tests.postgres import MISSING, postgres_server, server_binaries
+
+    if server_binaries() is None:
+        if os.environ.get("POLYADAPT_REQUIRE_POSTGRES"):
+            pytest.fail(MISSING)
+        pytest.skip(MISSING)
+    with postgres_server() as url:
+        yield url

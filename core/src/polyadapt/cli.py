@@ -234,6 +234,11 @@ def export(run_dir: Path, format_name: str, output: Path, overwrite: bool) -> No
     click.echo(json.dumps(record, indent=2, default=str))
 
 
+from .registry.cli import registry  # noqa: E402 - the group imports the registry only when a command runs
+
+cli.add_command(registry)
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="polyadapt", standalone_mode=True)

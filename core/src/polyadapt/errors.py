@@ -69,3 +69,22 @@ class TuneError(PolyadaptError):
     def __init__(self, message: str, result: Any = None) -> None:
         super().__init__(message)
         self.result = result
+
+
+class RegistryError(PolyadaptError):
+    """A registry operation is refused or the registry cannot be read: an unknown name or version, a bad reference,
+    a file whose digest does not match, a delete while an alias points at the version."""
+
+
+class PromotionRefused(RegistryError):
+    """``promote`` found failed gate conditions. ``conditions`` holds every condition checked
+    (:class:`polyadapt.registry.gate.Condition`), passed and failed."""
+
+    def __init__(self, label: str, alias: str, conditions: list[Any]) -> None:
+        self.conditions = list(conditions)
+        failed = [c for c in self.conditions if not c.passed]
+        lines = "\n".join(f"  - {c.name}: {c.detail}" for c in failed)
+        super().__init__(
+            f"promotion of {label} to @{alias} refused: {len(failed)} condition(s) failed\n{lines}\n"
+            "(--force --reason TEXT overrides; the history records it)"
+        )

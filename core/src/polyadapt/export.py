@@ -51,7 +51,7 @@ def export_run(run_dir: str | Path, format_name: str, output: str | Path, overwr
     except Exception as exc:
         shutil.rmtree(partial, ignore_errors=True)
         raise ExportError(f"export {format_name!r} failed: {type(exc).__name__}: {exc}") from exc
-    record = {"format": format_name, "run": str(run_dir.resolve()), "created": now_iso(), **facts}
+    record = {"format": format_name, "run": str(run.run_dir.resolve()), "created": now_iso(), **facts}
     write_json_atomic(partial / "export.json", record)
     if output.exists():
         output.rmdir()

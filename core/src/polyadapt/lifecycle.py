@@ -128,9 +128,17 @@ def adapt(
 
 
 def open_run(run_dir: str | Path, pm: PolyadaptPluginManager | None = None) -> tuple[Path, Manifest, AdaptConfig]:
-    """Read a finished run's manifest and config; refuse incomplete runs."""
+    """Read a finished run's manifest and config; refuse incomplete runs and adapter files whose sha256 differs from
+    the manifest's. ``run_dir`` may be a registry reference (``NAME@REF``), pulled into the local cache first."""
+    from .registry import looks_like_ref
+
+    if looks_like_ref(run_dir):
+        from .registry import resolve_run
+
+        run_dir = resolve_run(run_dir)
     rundir = RunDirectory(run_dir)
     manifest = rundir.complete_manifest()
+    rundir.verify_files(manifest)
     config = validate_config(
         manifest.config, source=str(rundir.manifest_path), plugin_manager=pm or get_plugin_manager(), check_paths=False
     )

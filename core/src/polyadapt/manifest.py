@@ -146,6 +146,8 @@ class Manifest(Record):
     adapter: AdapterRecord | None = None
     training: TrainingRecord | None = None
     evaluations: list[dict[str, Any]] = Field(default_factory=list)
+    #: the adapters a composed adapter was made from: each one's reference, digests and lineage
+    parents: list[dict[str, Any]] = Field(default_factory=list)
     error: str | None = None
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)

@@ -66,7 +66,9 @@ def write_reports(
     return report
 
 
-def write_model_card(run_dir: Path, modality: Modality, manifest: dict[str, Any], usage: str) -> Path:
+def write_model_card(
+    run_dir: Path, modality: Modality, manifest: dict[str, Any], usage: str, title: str | None = None
+) -> Path:
     """``README.md`` of the run directory: a model card written from the manifest (what the adapter is, what it was
     trained on, what it measured before and after, how to load it without polyadapt). ``usage`` is the modality's
     loading snippet (markdown)."""
@@ -86,7 +88,7 @@ def write_model_card(run_dir: Path, modality: Modality, manifest: dict[str, Any]
         "tags: [polyadapt, " + f"{modality.name}, {peft.get('method', 'lora')}]",
         "---",
         "",
-        f"# {run_dir.name}",
+        f"# {title or run_dir.name}",
         "",
         f"A {peft.get('method', 'lora')} adapter ({modality.name}) made by polyadapt {manifest.get('polyadapt_version')}.",
         "",

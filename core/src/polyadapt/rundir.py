@@ -48,6 +48,23 @@ class RunDirectory:
             raise RunDirectoryError(f"{self.path} is not a complete run (status: {manifest.status})")
         return manifest
 
+    def verify_files(self, manifest: Manifest) -> None:
+        """Check every adapter file against the sha256 the manifest recorded when the run finished; a missing or
+        altered file is a :class:`RunDirectoryError` naming it (and both digests)."""
+        from .data import sha256_file
+
+        recorded = manifest.adapter.files if manifest.adapter else {}
+        for name, expected in sorted(recorded.items()):
+            path = self.path / name
+            if not path.is_file():
+                raise RunDirectoryError(f"{path}: adapter file missing (the manifest records sha256 {expected})")
+            actual = sha256_file(path)
+            if actual != expected:
+                raise RunDirectoryError(
+                    f"{path}: adapter file altered since the run finished (sha256 {actual}, the manifest records "
+                    f"{expected}); refusing to use it"
+                )
+
     # -- transitions -------------------------------------------------------------------------------------------------
     def claim(self, config: AdaptConfig, resume: bool, overwrite: bool) -> Manifest | None:
         """Make the directory ready for a run of ``config``; return the previous manifest when resuming."""
