@@ -1,15 +1,18 @@
 """Synthesise the Harbor Bank call-centre speech sample set with espeak-ng and sox.
 
-    python sample_data/speech/make_speech_data.py
+    python sample_data/speech/make_speech_data.py                 # train/, test/, general/test/ and glossary.txt
+    python sample_data/speech/make_speech_data.py --only general  # only the named parts
 
 Needs the Debian packages ``espeak-ng`` and ``sox`` (only to regenerate; the generated 16 kHz wav files are committed).
 Each sentence is spoken once, by a voice/pitch/speed picked deterministically from its index, so the output is the
-same on every run of the same espeak-ng version. train/ and test/ hold different sentences that share the bank's
-product names and jargon (see glossary.txt).
+same on every run of the same espeak-ng version, up to sox's dither (at most one least significant bit). train/ and
+test/ hold different sentences that share the bank's product names and jargon (see glossary.txt); general/test/
+holds everyday sentences with none of them, the forgetting check (``eval.general_data: auto``).
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import shutil
 import subprocess
@@ -116,6 +119,17 @@ TEST = [
     "Does HarborPay work with my Anchor Card?",
 ]
 
+# everyday speech with no bank term, product name or banking word: what whisper-tiny.en already transcribes and
+# adaptation should not break
+GENERAL = [
+    "The weather is lovely this afternoon.",
+    "Could you pass me the salt, please?",
+    "We are going to the park after lunch.",
+    "My brother plays the guitar every evening.",
+    "Please close the window before you leave.",
+    "The children read a story before bed.",
+]
+
 # (espeak-ng voice, pitch 0-99, words per minute): varied accents, genders and speeds
 VOICES = [
     ("en-us", 50, 180),
@@ -165,14 +179,14 @@ def synthesise(text: str, voice: tuple[str, int, int], target: Path, scratch: Pa
     )
 
 
-def write_split(split: str, sentences: list[str], offset: int) -> None:
+def write_split(split: str, sentences: list[str], offset: int, prefix: str | None = None) -> None:
     folder = HERE / split
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for i, text in enumerate(sentences):
-            name = f"{split}_{i:03d}.wav"
+            name = f"{prefix or split}_{i:03d}.wav"
             synthesise(text, VOICES[(i + offset) % len(VOICES)], folder / name, Path(scratch))
             rows.append({"file_name": name, "transcription": text})
     with open(folder / "metadata.csv", "w", newline="", encoding="utf-8") as handle:
@@ -181,13 +195,26 @@ def write_split(split: str, sentences: list[str], offset: int) -> None:
         writer.writerows(rows)
 
 
+PARTS = ("train", "test", "general", "glossary")
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS), help="the parts to (re)write")
+    parts = parser.parse_args().only
     assert not set(TRAIN) & set(TEST), "train and test must hold different sentences"
-    write_split("train", TRAIN, 0)
-    write_split("test", TEST, 3)
-    (HERE / "glossary.txt").write_text("\n".join(GLOSSARY) + "\n", encoding="utf-8")
+    words = {w.lower() for term in GLOSSARY for w in term.split()} | {"bank", "card", "account", "checking"}
+    assert not any(w.strip(".,?!").lower() in words for s in GENERAL for w in s.split()), "general speech has no jargon"
+    if "train" in parts:
+        write_split("train", TRAIN, 0)
+    if "test" in parts:
+        write_split("test", TEST, 3)
+    if "general" in parts:
+        write_split("general/test", GENERAL, 5, prefix="general")
+    if "glossary" in parts:
+        (HERE / "glossary.txt").write_text("\n".join(GLOSSARY) + "\n", encoding="utf-8")
     total = sum(p.stat().st_size for p in HERE.rglob("*.wav"))
-    print(f"{len(TRAIN)} train + {len(TEST)} test clips, {total / 1e6:.1f} MB of wav")
+    print(f"{len(TRAIN)} train + {len(TEST)} test + {len(GENERAL)} general clips, {total / 1e6:.1f} MB of wav")
 
 
 if __name__ == "__main__":

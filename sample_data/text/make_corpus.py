@@ -1,7 +1,10 @@
-"""Write the Harbor Bank customer-support corpus: train.jsonl (chat) and validation.jsonl (held-out questions).
+"""Write the Harbor Bank customer-support corpus: train.jsonl (chat) and validation.jsonl (held-out questions), and
+the general set general/validation.jsonl (the forgetting check).
 
 Every policy fact has training questions (several phrasings), answers in the bank's voice that state the fact first,
 and held-out questions that ask the same fact in words the training set never uses, with ``answer_contains``.
+The general set asks 12 everyday questions outside banking that SmolLM2-135M-Instruct answers right before any
+adaptation, with plain answers (no bank voice): ``eval.general_data: auto`` measures them before and after.
 Deterministic: running it twice writes the same bytes. Run from anywhere: ``python sample_data/text/make_corpus.py``.
 """
 
@@ -552,6 +555,27 @@ GREETINGS = [
 
 SYSTEM_PROMPT = "You are the Harbor Bank support assistant."
 
+# (question, plain answer, answer_contains): general knowledge, chosen from 24 candidates as the ones whose greedy
+# answer from the demo base (SmolLM2-135M-Instruct) already contains the fact
+GENERAL = [
+    ("What is the capital of France?", "The capital of France is Paris.", ["Paris"]),
+    ("What is the capital of Japan?", "The capital of Japan is Tokyo.", ["Tokyo"]),
+    ("Which planet is known as the Red Planet?", "Mars is known as the Red Planet.", ["Mars"]),
+    ("Who wrote Romeo and Juliet?", "William Shakespeare wrote Romeo and Juliet.", ["Shakespeare"]),
+    ("What is the chemical formula for water?", "The chemical formula for water is H2O.", ["H2O"]),
+    ("What is the largest ocean on Earth?", "The Pacific Ocean is the largest ocean on Earth.", ["Pacific"]),
+    ("What gas do plants absorb from the air?", "Plants absorb carbon dioxide from the air.", ["carbon dioxide"]),
+    ("What is the opposite of hot?", "The opposite of hot is cold.", ["cold"]),
+    ("What is the tallest mountain in the world?", "Mount Everest is the tallest mountain in the world.", ["Everest"]),
+    ("What language is spoken in Brazil?", "The main language of Brazil is Portuguese.", ["Portuguese"]),
+    ("What is the currency of the United Kingdom?", "The currency of the United Kingdom is the pound sterling.", ["pound"]),
+    (
+        "Who was the first person to walk on the Moon?",
+        "Neil Armstrong was the first person to walk on the Moon.",
+        ["Armstrong"],
+    ),
+]
+
 
 def chat(question: str, answer: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": question}, {"role": "assistant", "content": f"{answer} {SIGN_OFF}"}]
@@ -572,7 +596,20 @@ def build() -> tuple[list[dict], list[dict]]:
     return train, heldout
 
 
+def build_general() -> list[dict]:
+    """The general set: one chat per question, the plain answer as the reference."""
+    return [
+        {
+            "id": f"general-test-{i}",
+            "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+            "answer_contains": facts,
+        }
+        for i, (question, answer, facts) in enumerate(GENERAL)
+    ]
+
+
 def write(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
 
 
@@ -580,4 +617,6 @@ if __name__ == "__main__":
     train, heldout = build()
     write(HERE / "train.jsonl", train)
     write(HERE / "validation.jsonl", heldout)
-    print(f"wrote {len(train)} training and {len(heldout)} held-out records to {HERE}")
+    general = build_general()
+    write(HERE / "general" / "validation.jsonl", general)
+    print(f"wrote {len(train)} training, {len(heldout)} held-out and {len(general)} general records to {HERE}")

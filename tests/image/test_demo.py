@@ -23,10 +23,14 @@ def test_demo_config_moves_the_base_toward_the_brand(tmp_path):
     # closer to the brand's palette than the base, against the brand images themselves
     assert after["brand_style_distance"] < 0.75 * before["brand_style_distance"]
     names = {p.name for p in (run / "validation").glob("*.png")}
-    # base and adapted grids, plus one grid of the adapter in training at each periodic evaluation
+    # base and adapted grids (held-out and general prompts), plus one grid of the adapter in training at each
+    # periodic evaluation
     steps = {f"step-{s:06d}.png" for s in range(50, manifest["training"]["steps"], 50)}
     assert manifest["config"]["train"]["eval_every"] == 50
-    assert names == {"adapted.png", "base.png"} | steps
+    assert names == {"adapted.png", "base.png", "general-adapted.png", "general-base.png"} | steps
+    # the forgetting check, measured: general loss 0.0433 -> 0.0922, base-output distance 0 -> 28.4 ΔE (the LoRA
+    # reaches prompts without the trigger too)
+    _forgetting_check(manifest)
 
 
 @pytest.mark.slow
@@ -47,3 +51,17 @@ def test_a_four_key_config_moves_the_base_toward_the_brand(tmp_path):
     assert after["eval_loss"] < 0.5 * before["eval_loss"]
     assert after["brand_style_distance"] < 0.75 * before["brand_style_distance"]
     assert manifest["improved"] is True and manifest["metrics"]["headline"] == "brand_style_distance"
+    # the forgetting check, measured: general loss 0.0478 -> 0.0772, base-output distance 0 -> 25.9 ΔE (no trigger:
+    # every prompt is drawn in the brand's style)
+    _forgetting_check(manifest)
+
+
+def _forgetting_check(manifest: dict) -> None:
+    """sample_data/image/general/ is the general set (eval.general_data: auto), measured before and after, within
+    bounds around the figures measured (runs are deterministic)."""
+    chosen = Path(manifest["auto"]["eval.general_data"]["value"])
+    assert chosen.resolve() == ROOT / "sample_data" / "image" / "general"
+    before, after = manifest["metrics"]["general_before"], manifest["metrics"]["general_after"]
+    assert before["base_output_distance"] == 0.0  # the base against itself
+    assert 10.0 < after["base_output_distance"] < 40.0
+    assert before["eval_loss"] < after["eval_loss"] < 3 * before["eval_loss"]

@@ -275,3 +275,29 @@ def test_long_form_accepts_long_held_out_clips_but_never_long_training_clips(tmp
     assert [p.split for p in splits.problems] == ["train"]
     assert "training clips must fit Whisper's 30 s window" in splits.problems[0].reason
     assert any(s.file.endswith("long.wav") for s in splits.validation)
+
+
+def test_a_general_subdirectory_is_not_read_as_data(tmp_path, tiny_whisper):
+    data = write_dataset(tmp_path / "data", train=3, test=2)
+    general = write_dataset(data / "general", train=2, test=2, glossary=False)
+    splits = _load(write_config(tmp_path / "c.yaml", tiny_whisper, data, tmp_path / "run"))
+    assert (len(splits.train), len(splits.validation)) == (3, 2)
+    assert not any(general in f.parents for f in splits.files)
+
+
+def test_the_demo_general_set_is_everyday_speech_without_domain_terms(tmp_path, tiny_whisper):
+    from polyadapt.config import load_config
+    from polyadapt.defaults import resolve_general_data
+    from polyadapt.lifecycle import resolve_base
+    from polyadapt.modality import DataContext
+    from polyadapt.plugins import get_plugin_manager
+    from polyadapt_speech.data import dataset_glossary
+
+    config = load_config(write_config(tmp_path / "c.yaml", tiny_whisper, SAMPLES, tmp_path / "run"))
+    config = resolve_general_data(config).config
+    assert config.eval.general_data == SAMPLES / "general"
+    ctx = DataContext(config, config.eval.general_data, resolve_base(config.base), general=True)
+    splits = get_plugin_manager().get_modality("speech").load_data(ctx)
+    assert len(splits.validation) == 6 and not splits.problems and not splits.train
+    words = {w.lower() for term in dataset_glossary(SAMPLES) for w in term.split()}
+    assert not any(w.strip(".,?!").lower() in words for s in splits.validation for w in s.text.split())

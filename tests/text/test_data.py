@@ -8,7 +8,7 @@ import pytest
 
 from polyadapt.errors import DataError
 from polyadapt.modality import DataContext
-from polyadapt_text.data import read_jsonl, read_text_dataset
+from polyadapt_text.data import find_leakage, read_jsonl, read_text_dataset
 from tests.text.builders import chat_records, make_config, prompt_records, text_records, write_jsonl
 
 
@@ -241,3 +241,28 @@ def test_doctor_lists_problems_with_file_and_line(tmp_path, tiny_llama):
     assert done.returncode == 2
     assert f"{data / 'train.jsonl'}:4" in done.stdout + done.stderr
     assert "unknown role 'robot'" in done.stdout + done.stderr
+
+
+def test_a_general_subdirectory_is_not_read_as_data(tmp_path, load):
+    data = tmp_path / "data"
+    write_jsonl(data / "train.jsonl", chat_records(5))
+    write_jsonl(data / "validation.jsonl", chat_records(2, offset=50))
+    write_jsonl(data / "general" / "train.jsonl", chat_records(4, offset=80))
+    write_jsonl(data / "general" / "validation.jsonl", chat_records(3, offset=90))
+    splits = load(data)
+    assert (len(splits.train), len(splits.validation)) == (5, 2)
+    assert splits.files == [data / "train.jsonl", data / "validation.jsonl"]
+
+
+def test_the_demo_general_set_asks_outside_the_domain_and_checks_facts():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "sample_data" / "text"
+    found = read_text_dataset(root / "general")
+    general = found.splits["validation"]
+    assert list(found.splits) == ["validation"] and not found.problems and len(general) == 12
+    assert all(s.answer_contains and s.format == "chat" for s in general)
+    words = ("harbor", "tidesaver", "anchor", "mooring", "lighthouse", "fair winds", "bank")
+    assert not any(w in s.content().lower() for s in general for w in words)
+    train = read_text_dataset(root).splits["train"]
+    assert not find_leakage(train, general)

@@ -71,6 +71,8 @@ class PeftSection(Section):
 
 AUTO = "auto"
 Auto = Literal["auto"]
+#: the subdirectory of a dataset that ``eval.general_data: auto`` takes as the general set (never read as training data)
+GENERAL_DIR = "general"
 
 
 class TrainConfig(Section):
@@ -146,9 +148,18 @@ class EvalConfig(Section):
     before: bool = Field(True, description="Also evaluate the base model, for the before/after comparison.")
     max_samples: int | None = Field(None, ge=1, description="Evaluate on at most N held-out samples.")
     batch_size: int | None = Field(None, ge=1, description="Evaluation batch size (default: train.batch_size).")
-    general_data: Path | None = Field(
-        None, description="A second held-out set of general data; its metrics before/after are the forgetting check."
+    general_data: Auto | Path | None = Field(
+        AUTO,
+        description="A second held-out set of general data; its metrics before/after are the forgetting check. "
+        f"auto: the data directory's {GENERAL_DIR}/ subdirectory when it has one, else none; null: none.",
     )
+
+    @field_validator("general_data")
+    @classmethod
+    def _general_exists(cls, value: Path | str | None, info: ValidationInfo) -> Path | str | None:
+        if isinstance(value, Path) and (info.context or {}).get("check_paths", True) and not value.exists():
+            raise ValueError(f"{str(value)!r} does not exist")
+        return value
 
 
 SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")

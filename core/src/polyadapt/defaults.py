@@ -21,6 +21,10 @@ epochs), never below one epoch.
 (``eval_every``), the best adapter kept (not the last), early stopping after ``patience`` evaluations without
 improvement, on the modality's metric (``stop_metric``; the loss where generation metrics are too slow to repeat).
 Warmup: 5% of the steps.
+
+**General data.** ``eval.general_data: auto`` (the default) is the data directory's ``general/`` subdirectory when it
+has one, else no general set (:func:`resolve_general_data`); an explicit path or ``null`` wins. The modalities' readers
+never read ``general/`` as training or held-out data.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .config import AUTO
+from .config import AUTO, GENERAL_DIR
 
 if TYPE_CHECKING:
     from .config import AdaptConfig
@@ -188,6 +192,25 @@ def resolve_training(
     return Resolved(config=resolved, choices=choices)
 
 
+def resolve_general_data(config: AdaptConfig) -> Resolved:
+    """``config`` with ``eval.general_data: auto`` resolved to ``<data.path>/general`` when that directory exists, else
+    to null, and its ``{"value": ..., "rule": ...}`` under ``eval.general_data`` in ``choices``; an explicit path or
+    null is kept, with no choice recorded. Needs no model: ``doctor`` and ``adapt`` resolve it the same way."""
+    from pathlib import Path
+
+    evaluation = config.eval
+    if evaluation.general_data != AUTO:
+        return Resolved(config=config)
+    candidate = Path(config.data.path) / GENERAL_DIR
+    if candidate.is_dir():
+        path, rule = candidate, f"the data directory's {GENERAL_DIR}/ subdirectory"
+    else:
+        path, rule = None, f"no {GENERAL_DIR}/ subdirectory in {config.data.path}: no forgetting check"
+    resolved = config.model_copy(update={"eval": evaluation.model_copy(update={"general_data": path})})
+    choice = {"value": None if path is None else str(path), "rule": rule}
+    return Resolved(config=resolved, choices={"eval.general_data": choice})
+
+
 def not_improved_warning(modality: Any, manifest: Any) -> str:
     """The warning printed at the end of ``adapt`` (and shown in the report) when the adapted model is not better than
     the base on the headline metric, with the likely causes read from the manifest."""
@@ -234,4 +257,4 @@ def _count(n: float) -> str:
     return f"{n:g}"
 
 
-__all__ = ["TrainingFacts", "TrainingRule", "not_improved_warning", "resolve_training"]
+__all__ = ["TrainingFacts", "TrainingRule", "not_improved_warning", "resolve_general_data", "resolve_training"]

@@ -235,8 +235,10 @@ def doctor(
 ) -> tuple[DatasetSplits, list[str]]:
     """Validate the data without loading any model; return the splits and a summary. Bad samples are in
     ``splits.problems``."""
+    from .defaults import resolve_general_data
     from .modality import DataContext
 
+    config = resolve_general_data(config).config
     pm = plugin_manager or get_plugin_manager()
     modality = pm.get_modality(config.modality)
     base = try_resolve_base(config.base, pm)
@@ -248,7 +250,9 @@ def doctor(
         *[f"warning: {w}" for w in splits.warnings],
     ]
     if config.eval.general_data is not None:
-        general = modality.load_data(DataContext(config=config, path=Path(config.eval.general_data), base=base))
+        general = modality.load_data(
+            DataContext(config=config, path=Path(config.eval.general_data), base=base, general=True)
+        )
         splits.problems.extend(general.problems)
         summary.append(f"general data: {len(general.validation) or len(general.train)} samples")
     return splits, summary

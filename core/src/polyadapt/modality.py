@@ -17,6 +17,7 @@ token ids, caches) lives on that run object as typed attributes.
     run.collate + run.loss              inside the shared training loop
     run.on_evaluate(step, metrics)      after each periodic evaluation, inside ``evaluating(run)``
     run.evaluate(samples, eval_loss)    "after" metrics
+    run.evaluate_general(...)           before and after, on ``eval.general_data`` (the forgetting check), if any
     run.save_adapter(run_dir)           the adapter in the modality's standard format
 
 ``evaluate``, ``infer`` and ``export`` on a finished run call ``open``, ``load_base`` then ``load_adapter``.
@@ -118,11 +119,15 @@ class EvalResult:
 class DataContext:
     """What ``read_data`` gets: the run's config, the dataset directory to read, and the resolved base when it could
     be resolved without loading anything (``None`` otherwise): a reader may use the base's tokenizer files to measure
-    label lengths exactly, never its weights."""
+    label lengths exactly, never its weights.
+
+    ``general`` is True when the directory is ``eval.general_data``, the forgetting check's data from outside the
+    domain: a reader takes it as written, adding nothing of the domain's (the image modality's trigger phrase)."""
 
     config: AdaptConfig
     path: Path
     base: ResolvedBase | None = None
+    general: bool = False
 
     @property
     def settings(self) -> Any:
@@ -314,6 +319,15 @@ class ModalityRun(ABC):
         """Held-out metrics of the current ``self.model`` on raw ``samples`` (polyadapt calls it inside
         :func:`polyadapt.evaluation.evaluating`). ``eval_loss`` is the mean loss polyadapt measured on the same
         samples (None if it could not)."""
+
+    def evaluate_general(self, samples: Sequence[Any], eval_loss: float | None) -> EvalResult:
+        """Metrics of the current ``self.model`` on general data (``eval.general_data``), measured before and after
+        training: the forgetting check. Called like :meth:`evaluate`, on the samples of the general set.
+
+        Default: :meth:`evaluate`'s metrics, which suit modalities whose held-out metrics score outputs against
+        references (loss, WER, answers). A modality whose held-out metrics score closeness to the domain (image: the
+        brand's palette) overrides it to score how far the outputs moved from the base's own."""
+        return self.evaluate(samples, eval_loss)
 
     def on_evaluate(self, step: int, metrics: dict[str, float]) -> None:
         """Called on the main process after each periodic evaluation during training (``train.eval_every``), inside

@@ -95,12 +95,14 @@ class AdaptRecipe:
 
     # -- phases ------------------------------------------------------------------------------------------------------
     def setup(self) -> None:
-        """Everything that needs no model: the base reference, the data (bad-sample policy applied), the accelerator,
-        the run directory claimed and the manifest started."""
+        """Everything that needs no model: the base reference, the data (bad-sample policy applied), the general set
+        (``eval.general_data: auto`` resolved), the accelerator, the run directory claimed and the manifest started."""
         from .checkpoint import list_checkpoints
+        from .defaults import resolve_general_data
         from .lifecycle import make_accelerator, read_data, resolve_base
 
-        config = self.config
+        general = resolve_general_data(self.config)
+        config = self.config = general.config
         base = resolve_base(config.base, self.pm)
         self.splits, skipped = read_data(self.modality, config, base=base)
         self.eval_samples = limit(self.splits.validation, config.eval.max_samples)
@@ -124,6 +126,7 @@ class AdaptRecipe:
             started=previous.started if previous else now_iso(),
             resumed=[*(previous.resumed if previous else []), *([now_iso()] if previous else [])],
         )
+        self.manifest.auto.update(general.choices)
         if previous is not None:
             # a resumed run keeps the base model's metrics measured when it started
             self.manifest.metrics.before = previous.metrics.before
@@ -204,7 +207,7 @@ class AdaptRecipe:
         if not config.eval.before or manifest.metrics.before is not None:
             return
         self.before = self.measure(self.eval_samples, self.eval_split)
-        general_before = self.measure(*self.general) if self.general is not None else None
+        general_before = self.measure(*self.general, general=True) if self.general is not None else None
         if self.is_main:
             manifest.metrics.before = self.before.metrics if self.before else None
             manifest.metrics.general_before = general_before.metrics if general_before else None
@@ -239,7 +242,7 @@ class AdaptRecipe:
     def evaluate_after(self) -> None:
         """The adapted model's held-out (and general-data) metrics."""
         self.after = self.measure(self.eval_samples, self.eval_split)
-        self.general_after = self.measure(*self.general) if self.general is not None else None
+        self.general_after = self.measure(*self.general, general=True) if self.general is not None else None
 
     def finalize(self) -> None:
         """Save the adapter, write the reports, the model card and the complete manifest (main process only)."""
@@ -280,8 +283,8 @@ class AdaptRecipe:
         self.accelerator.wait_for_everyone()
 
     # -- helpers -----------------------------------------------------------------------------------------------------
-    def measure(self, samples: list[Any], prepared: PreparedSplit) -> EvalResult | None:
-        return measure(self.accelerator, self.modality_run, samples, prepared, self.pm)
+    def measure(self, samples: list[Any], prepared: PreparedSplit, general: bool = False) -> EvalResult | None:
+        return measure(self.accelerator, self.modality_run, samples, prepared, self.pm, general=general)
 
     def _metric_eval(self) -> dict[str, float]:
         """The modality's metrics on the held-out split, computed on the main process and shared with the others."""
@@ -298,9 +301,15 @@ class AdaptRecipe:
 
 
 def measure(
-    accelerator: Any, run: ModalityRun, samples: list[Any], prepared: PreparedSplit, pm: PolyadaptPluginManager
+    accelerator: Any,
+    run: ModalityRun,
+    samples: list[Any],
+    prepared: PreparedSplit,
+    pm: PolyadaptPluginManager,
+    general: bool = False,
 ) -> EvalResult | None:
-    """Held-out loss (every process) and the modality's metrics (main process) of the run's current model."""
+    """Held-out loss (every process) and the modality's metrics (main process) of the run's current model; with
+    ``general``, on the general set, scored by ``run.evaluate_general``."""
     from .evaluation import add_plugin_metrics, evaluating
     from .training import evaluate_loss
 
@@ -310,7 +319,7 @@ def measure(
     result = None
     if accelerator.is_main_process:
         with evaluating(run):
-            result = run.evaluate(samples, loss)
+            result = (run.evaluate_general if general else run.evaluate)(samples, loss)
         if loss is not None:
             result.metrics = {"eval_loss": loss, **result.metrics}
         add_plugin_metrics(result, pm.metrics(run.modality.name))
@@ -371,15 +380,19 @@ def adapter_files(run_dir: Path) -> dict[str, str]:
 
 
 def general_data(modality: Modality, run: ModalityRun, config: AdaptConfig, base: Any) -> tuple | None:
-    """The forgetting check's samples (``eval.general_data``): its held-out split, or all of it, prepared."""
-    from .lifecycle import read_data
+    """The forgetting check's samples (``eval.general_data``, already resolved from ``auto``): its held-out split, or
+    all of it, read as general data (:attr:`polyadapt.modality.DataContext.general`) and prepared."""
+    from .data import enforce_bad_sample_policy
+    from .modality import DataContext
 
-    if config.eval.general_data is None:
+    path = config.eval.general_data
+    if path is None:
         return None
-    splits, _ = read_data(modality, config, config.eval.general_data, base=base)
+    splits = modality.load_data(DataContext(config=config, path=Path(path), base=base, general=True))
+    enforce_bad_sample_policy(list(splits.problems), config.data.on_bad_sample, str(path))
     samples = limit(list(splits.validation) or list(splits.train), config.eval.max_samples)
     if not samples:
-        raise ConfigError(f"eval.general_data: {config.eval.general_data} holds no samples")
+        raise ConfigError(f"eval.general_data: {path} holds no samples")
     return samples, run.prepare(samples, False)
 
 

@@ -26,8 +26,8 @@ that raises ``AssertionError`` naming what is wrong. The checks (:data:`CHECKS`,
   makes the held-out loss exact);
 - ``check_save_then_load_gives_identical_outputs``: an adapter saved and loaded into a fresh base gives the loss it
   gave before saving;
-- ``check_evaluation_leaves_the_model_as_found``: ``evaluate`` and ``on_evaluate`` change neither the mode of any
-  module nor any trainable weight;
+- ``check_evaluation_leaves_the_model_as_found``: ``evaluate``, ``evaluate_general`` and ``on_evaluate`` change
+  neither the mode of any module nor any trainable weight;
 - ``check_inference`` (capability ``inference``): ``infer`` answers lines of text with the case's options;
 - ``check_multi_adapter`` (``multi_adapter``): two adapters on one base, switched by name, each give exactly what
   they give alone; ``None`` gives the base; deleting one keeps the other;
@@ -336,7 +336,7 @@ def check_save_then_load_gives_identical_outputs(case: ModalityCase, directory: 
 
 
 def check_evaluation_leaves_the_model_as_found(case: ModalityCase, directory: Path) -> None:
-    """``evaluate`` and ``on_evaluate`` change neither module modes nor trainable weights."""
+    """``evaluate``, ``evaluate_general`` and ``on_evaluate`` change neither module modes nor trainable weights."""
     import torch
 
     from .evaluation import evaluating
@@ -353,9 +353,10 @@ def check_evaluation_leaves_the_model_as_found(case: ModalityCase, directory: Pa
     with evaluating(run):
         inside = _snapshot(run)
         run.evaluate(samples, None)
+        run.evaluate_general(samples, None)
         run.on_evaluate(1, {"eval_loss": 1.0})
         now = _snapshot(run)
-        assert now[0] == inside[0], "evaluate/on_evaluate changed the mode of a module"
+        assert now[0] == inside[0], "evaluate/evaluate_general/on_evaluate changed the mode of a module"
         assert all(torch.equal(a, b) for a, b in zip(now[1], inside[1], strict=True)), "a trainable weight changed"
     after = _snapshot(run)
     assert after[0] == found[0], "the model's modes are not restored after evaluation"

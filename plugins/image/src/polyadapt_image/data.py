@@ -10,7 +10,8 @@
 
 Every split directory found is read; polyadapt picks the held-out one by its rule for every modality (``validation``,
 else ``test``, else a ``data.holdout`` cut of ``train``). A directory holding ``metadata.jsonl`` directly is read as a
-single ``train`` split.
+single ``train`` split. Any other subdirectory is not read: ``general/`` is the forgetting check's set
+(``eval.general_data: auto``), read on its own as general data, whose captions get no trigger phrase.
 
 Every sample is checked before any model loads, so ``polyadapt doctor`` lists every bad one with its file and reason:
 bad JSON line, missing ``file_name`` or caption, a path escaping the dataset root, a missing or zero-size file, a file
@@ -96,9 +97,10 @@ def check_image(path: Path, max_pixels: int) -> str | None:
 
 
 def read_split(
-    root: Path, directory: Path, split: str, settings: Any
+    root: Path, directory: Path, split: str, settings: Any, trigger: str | None = None
 ) -> tuple[list[ImageSample], list[Problem], list[Path]]:
-    """Samples, problems and files of one split directory (which holds ``metadata.jsonl``)."""
+    """Samples, problems and files of one split directory (which holds ``metadata.jsonl``); ``trigger`` is added to
+    every caption by ``settings.trigger_position``."""
     metadata = directory / METADATA
     shown = _shown(root, metadata)
     samples: list[ImageSample] = []
@@ -135,13 +137,16 @@ def read_split(
             continue
         seen.add(key)
         files.append(target)
-        samples.append(ImageSample(target, apply_trigger(caption, settings.trigger, settings.trigger_position), key))
+        samples.append(ImageSample(target, apply_trigger(caption, trigger, settings.trigger_position), key))
     return samples, problems, files
 
 
 def read_dataset(ctx: DataContext) -> DataFound:
-    """Every split directory at ``ctx.path`` as :class:`ImageSample` lists (see the module docstring)."""
+    """Every split directory at ``ctx.path`` as :class:`ImageSample` lists (see the module docstring). General data
+    (``ctx.general``) keeps its captions as written: the forgetting check asks what the adapted model draws without
+    the trigger."""
     settings = ctx.settings
+    trigger = None if ctx.general else settings.trigger
     root = Path(ctx.path)
     found = {name: root / name for name in SPLIT_DIRS if (root / name / METADATA).is_file()}
     if not found and (root / METADATA).is_file():
@@ -150,10 +155,11 @@ def read_dataset(ctx: DataContext) -> DataFound:
     problems: list[Problem] = []
     files: list[Path] = []
     for name, directory in found.items():
-        splits[name], bad, used = read_split(root, directory, name, settings)
+        splits[name], bad, used = read_split(root, directory, name, settings, trigger)
         problems += bad
         files += used
-    details: dict[str, Any] = {"layout": "imagefolder", "trigger": settings.trigger, "trigger_rule": _rule(settings)}
+    rule = "captions used as written (general data)" if ctx.general else _rule(settings)
+    details: dict[str, Any] = {"layout": "imagefolder", "trigger": trigger, "trigger_rule": rule}
     return DataFound(splits=splits, files=files, problems=problems, details=details)
 
 

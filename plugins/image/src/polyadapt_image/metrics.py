@@ -12,6 +12,11 @@ Brand-style distance (lower is better), in CIELAB ΔE76 units:
 
    The first term is large when the generated images use colours the brand does not; the second when they miss
    colours the brand uses. 0 means the same palette; a ΔE of about 2 is a just-noticeable colour difference.
+
+Base-output distance (lower is better; the forgetting check on general prompts), also in ΔE76: for each (prompt,
+seed) pair, the mean over pixels of the CIELAB distance between the adapted pipeline's image and the base pipeline's
+image, averaged over the pairs. 0 means the adapter draws exactly what the base drew; it is 0 for the base itself.
+Unlike the palette distance it sees layout as well as colour: a shape moved or redrawn counts.
 """
 
 from __future__ import annotations
@@ -73,6 +78,18 @@ def palette_distance(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.n
 def brand_style_distance(generated: list[Image.Image], reference: list[Image.Image], k: int = 8) -> float:
     """Palette distance (ΔE76) between generated images and the held-out brand images; lower is more on-brand."""
     return palette_distance(palette(generated, k), palette(reference, k))
+
+
+def base_output_distance(generated: list[Image.Image], base: list[Image.Image]) -> float:
+    """Mean per-pixel CIELAB distance (ΔE76) between each generated image and the base's image of the same prompt and
+    seed (same order, same size), averaged over the pairs; see the module docstring."""
+    if len(generated) != len(base) or not generated:
+        raise ValueError(f"need pairs of images: {len(generated)} generated, {len(base)} from the base")
+    distances = []
+    for a, b in zip(generated, base, strict=True):
+        lab_a, lab_b = (srgb_to_lab(np.asarray(image.convert("RGB"))) for image in (a, b))
+        distances.append(np.linalg.norm(lab_a - lab_b, axis=-1).mean())
+    return float(np.mean(distances))
 
 
 @lru_cache(maxsize=2)

@@ -2,7 +2,8 @@
 
 :class:`ImageModality` is the stateless factory (what the modality supports, reading data); :class:`ImageRun` is one
 run: the diffusers pipeline and its parts (denoiser, VAE, text encoders, training noise scheduler, the family
-strategy, the held-out samples the validation grids draw their prompts from) are its attributes.
+strategy, the held-out samples the validation grids draw their prompts from, the base's own images of the general
+prompts) are its attributes.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .data import LAYOUT
 if TYPE_CHECKING:
     import click
     import torch
+    from PIL import Image
 
     from polyadapt.config import AdaptConfig
     from polyadapt.modality import DataContext, RunContext
@@ -123,14 +125,21 @@ def validation_pairs(settings: ImageSettings, samples: Sequence[Any]) -> tuple[l
 
 class ImageModality(Modality):
     """LoRA on the denoiser of a diffusers text-to-image pipeline, evaluated by held-out denoising loss and a
-    brand-style palette distance of images generated from fixed prompts and seeds."""
+    brand-style palette distance of images generated from fixed prompts and seeds; on general data
+    (``eval.general_data``), by the distance of its images from the base's own (``base_output_distance``)."""
 
     name = "image"
     description = "text-to-image diffusion LoRA (Stable Diffusion 1.x/2.x, SDXL) for brand-style adaptation"
     settings_model = ImageSettings
     primary_metric = "eval_loss"
     headline_metrics = ("brand_style_distance", "eval_loss")
-    metrics = {"brand_style_distance": False, "brand_style_distance_vae": False, "clip_score": True}
+    metrics = {
+        "brand_style_distance": False,
+        "brand_style_distance_vae": False,
+        "clip_score": True,
+        # general data only (evaluate_general): not a held-out metric, so never an early-stopping one
+        "base_output_distance": False,
+    }
     # what diffusers' LoRA loaders read back
     peft_methods = ("lora", "dora")
     capabilities = frozenset({"inference", "report", "multi_adapter"})
@@ -188,6 +197,9 @@ class ImageRun(ModalityRun):
         self.noise_scheduler: Any = None
         #: the held-out samples whose captions give the validation grids their prompts
         self.validation_samples: list[ImageSample] = []
+        #: the base pipeline's image of each general (prompt, seed) pair: the base is frozen and generation seeded,
+        #: so the "before" images serve the "after" comparison too
+        self.base_images: dict[tuple[str, int], Image.Image] = {}
 
     @property
     def denoiser(self) -> Any:
@@ -357,6 +369,20 @@ class ImageRun(ModalityRun):
             self.set_adapter(remaining[0])
 
     @contextmanager
+    def _lora_off(self) -> Iterator[None]:
+        """The base pipeline for the block; the adapters that were active (at their weights) are active again after."""
+        if not self.active_adapters():
+            yield
+            return
+        with self._grad_flags_kept():
+            self.pipeline.disable_lora()
+        try:
+            yield
+        finally:
+            with self._grad_flags_kept():
+                self.pipeline.enable_lora()
+
+    @contextmanager
     def _grad_flags_kept(self) -> Iterator[None]:
         """peft makes every adapter it activates trainable; switching adapters must not change what trains."""
         from .model import lora_parts
@@ -415,6 +441,41 @@ class ImageRun(ModalityRun):
             tag = "adapted" if self.active_adapters() else "base"
             artifacts[f"{tag}_grid"] = self.save_grid(images, f"{tag}.png")
         return EvalResult(metrics=metrics, examples=examples, artifacts=artifacts)
+
+    def evaluate_general(self, samples: Sequence[Any], eval_loss: float | None) -> EvalResult:
+        """The general prompts (the general set's captions, no trigger), each with every validation seed, scored
+        against the base pipeline's own images of the same prompt and seed: ``base_output_distance`` (0 for the base
+        itself; lower is less forgetting), and the CLIP score when ``image.clip_model`` is set."""
+        from .metrics import base_output_distance, clip_score
+
+        settings = self.settings
+        pairs = [(s.caption, seed) for s in samples for seed in settings.validation_seeds]
+        if not pairs:
+            return EvalResult(metrics={})
+        prompts, seeds = [p for p, _ in pairs], [s for _, s in pairs]
+        adapted = bool(self.active_adapters())
+        images = self.generate(prompts, seeds)
+        if not adapted:
+            self.base_images.update(zip(pairs, images, strict=True))
+        metrics = {"base_output_distance": base_output_distance(images, self.base_outputs(pairs))}
+        if settings.clip_model is not None:
+            metrics["clip_score"] = clip_score(images, prompts, settings.clip_model)
+        examples = [{"prompt": p, "seed": s, "grid_index": i} for i, (p, s) in enumerate(pairs)]
+        artifacts: dict[str, Path] = {}
+        if self.ctx.run_dir is not None and self.ctx.is_main_process:
+            tag = "adapted" if adapted else "base"
+            artifacts[f"general_{tag}_grid"] = self.save_grid(images, f"general-{tag}.png")
+        return EvalResult(metrics=metrics, examples=examples, artifacts=artifacts)
+
+    def base_outputs(self, pairs: list[tuple[str, int]]) -> list[Image.Image]:
+        """The base pipeline's image of each (prompt, seed) pair: from :attr:`base_images`, the missing ones
+        generated with every LoRA off (a resumed run, or ``eval.before: false``)."""
+        missing = [pair for pair in dict.fromkeys(pairs) if pair not in self.base_images]
+        if missing:
+            with self._lora_off():
+                images = self.generate([p for p, _ in missing], [s for _, s in missing])
+            self.base_images.update(zip(missing, images, strict=True))
+        return [self.base_images[pair] for pair in pairs]
 
     def on_evaluate(self, step: int, metrics: dict[str, float]) -> None:
         """Validation images of the adapter being trained, saved as ``validation/step-NNNNNN.png``."""
