@@ -258,6 +258,8 @@ def test_alias_sets_without_checks_and_refuses_reserved_names(make_run, tmp_path
     reg = registry.open(tmp_path / "reg")
     reg.push(make_run("plain", general=None), "support")
     assert reg.alias("support@v1", "canary").action == "set"
+    assert reg.alias("support@v1", "canary").action == "unchanged"  # idempotent, and not in the history
+    assert [e.action for e in reg.history("support")] == ["set"]
     assert reg.get("support@canary").version == 1 and reg.get("support@v1").aliases == ["canary"]
     for reserved in ("v2", "latest"):
         with pytest.raises(RegistryError, match="reserved"):

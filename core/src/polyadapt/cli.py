@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from .errors import PolyadaptError
+from .errors import ConfigError, PolyadaptError
 
 OVERRIDE_HELP = "Override a config value: key.sub=value (YAML value). Repeatable."
 
@@ -234,9 +234,51 @@ def export(run_dir: Path, format_name: str, output: Path, overwrite: bool) -> No
     click.echo(json.dumps(record, indent=2, default=str))
 
 
+@cli.command()
+@click.argument("adapters", nargs=-1, required=True)
+@click.option("--output", required=True, type=click.Path(path_type=Path), help="Run directory to create.")
+@click.option("--weights", help="Comma-separated weight per adapter (default 1 each).")
+@click.option("--method", default="cat", show_default=True,
+              type=click.Choice(["cat", "svd", "ties", "dare_ties", "dare_linear", "magnitude_prune"]))  # fmt: skip
+@click.option("--rank", type=click.IntRange(min=1), help="Rank of the result (svd and the pruning methods).")
+@click.option("--density", type=float, help="Fraction of each update kept (ties, dare_*, magnitude_prune).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of DARE's random drop.")
+@click.option("--no-eval", is_flag=True, help="Skip judging the result on each parent's held-out data.")
+@click.option("--max-samples", type=click.IntRange(min=1), help="Judge on at most N held-out samples per set.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run at --output.")
+@click.option("--registry", "registry_url", metavar="URL", help="Registry for NAME@REF adapters.")
+def compose(
+    adapters: tuple[str, ...], output: Path, weights: str | None, method: str, rank: int | None,
+    density: float | None, seed: int, no_eval: bool, max_samples: int | None, overwrite: bool,
+    registry_url: str | None,
+) -> None:  # fmt: skip
+    """Compose ADAPTERS (run directories or NAME@REF of one modality and base) into a new run directory."""
+    from .compose import compose as run_compose
+    from .compose import format_table
+
+    parsed = None
+    if weights is not None:
+        try:
+            parsed = [float(w) for w in weights.split(",")]
+        except ValueError:
+            raise ConfigError(f"--weights {weights!r}: expected comma-separated numbers") from None
+    result = run_compose(
+        list(adapters), output, weights=parsed, method=method, rank=rank, density=density, seed=seed,
+        evaluate=not no_eval, overwrite=overwrite, registry=registry_url, max_samples=max_samples,
+    )  # fmt: skip
+    click.echo(f"{result['output']}: {method} of {len(adapters)} adapters, rank {result['rank']}, weights {result['weights']}")
+    if result["max_relative_error"]:
+        click.echo(f"largest relative truncation error of a layer: {result['max_relative_error']:.3g}")
+    if result["table"]:
+        click.echo(format_table(result["table"]))
+
+
 from .registry.cli import registry  # noqa: E402 - the group imports the registry only when a command runs
 
 cli.add_command(registry)
+from .serve.cli import serve  # noqa: E402 - only click is imported until the command runs
+
+cli.add_command(serve)
 
 
 def main(argv: list[str] | None = None) -> None:

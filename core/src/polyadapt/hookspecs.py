@@ -99,3 +99,18 @@ def resolve_base(reference):
     :return: a :class:`polyadapt.config.ResolvedBase` (a local path, or a hub id to pass through), or ``None`` if this
         implementation does not handle the reference. Stops at first non-None result.
     """
+
+
+@hookspec
+def register_serving_backends(register):
+    """Contribute what ``polyadapt serve`` needs to serve a modality: the backend that batches its requests.
+
+    :param register: a callable taking one :class:`polyadapt.serve.backend.BackendSpec`: the ``modality`` it serves,
+        the OpenAI ``endpoints`` it answers (``"completions"``, ``"chat"``, ``"transcriptions"``, ``"images"``) and
+        ``factory(context) -> ServingBackend``, called once per configured base with a
+        :class:`polyadapt.serve.backend.BackendContext` (the base's loaded run, its config and the server limits).
+        The factory imports the modality's libraries when it is called, not when the plugin loads. A backend owns the
+        loaded base on one worker thread: it attaches and detaches adapters by slot name and runs the scheduler's
+        batches (``admit(jobs)`` then ``step()``), in which rows may use different adapters.
+    :return: nothing; the return value is ignored.
+    """

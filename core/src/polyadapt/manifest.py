@@ -148,6 +148,8 @@ class Manifest(Record):
     evaluations: list[dict[str, Any]] = Field(default_factory=list)
     #: the adapters a composed adapter was made from: each one's reference, digests and lineage
     parents: list[dict[str, Any]] = Field(default_factory=list)
+    #: how a composed adapter was made: method, weights, rank, density, truncation error
+    composition: dict[str, Any] | None = None
     error: str | None = None
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)

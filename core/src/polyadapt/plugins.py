@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .evaluation import Metric
     from .export import ExportFormat
     from .modality import Modality
+    from .serve.backend import BackendSpec
 
 ENTRY_POINT_GROUP = "polyadapt"
 
@@ -176,6 +177,17 @@ class PolyadaptPluginManager(pluggy.PluginManager):
         collected: list[ExportFormat] = []
         self.hook.register_export_formats(register=collected.append)
         return {f.name: f for f in collected if f.modality in (None, modality)}
+
+    def serving_backends(self) -> dict[str, BackendSpec]:
+        """The serving backend of each modality that has one (``register_serving_backends``), by modality name."""
+        collected: list[BackendSpec] = []
+        self.hook.register_serving_backends(register=collected.append)
+        found: dict[str, BackendSpec] = {}
+        for spec in collected:
+            if spec.modality in found:
+                raise PluginError(f"two plugins register a serving backend for the modality {spec.modality!r}")
+            found[spec.modality] = spec
+        return found
 
     def callbacks(self, config: Any) -> list[Any]:
         found: list[Any] = []

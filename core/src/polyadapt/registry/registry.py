@@ -442,6 +442,8 @@ class Registry:
                 raise RegistryError(
                     f"{name}@{alias} moved to v{current} while this command ran (it held v{expect}); run it again"
                 )
+            if current == version:  # already there: nothing moves, nothing is recorded
+                return AliasEvent(name, alias, current, version, at, by, "unchanged", reason, details)
             if current is None:
                 conn.execute(aliases.insert().values(name=name, alias=alias, version=version))
             else:

@@ -19,3 +19,15 @@ def register_export_formats(register):
 
     register(ExportFormat("kohya", "image", "one LoRA file in the kohya/A1111/ComfyUI key layout (lora_unet_...)", export.export_kohya))
     register(ExportFormat("merged", "image", "the pipeline with the LoRA fused into its weights (diffusers, safetensors)", export.export_merged))
+
+
+@hookimpl
+def register_serving_backends(register):
+    from polyadapt.serve.backend import BackendSpec
+
+    def factory(context):
+        from .serving import DiffusionBackend
+
+        return DiffusionBackend(context)
+
+    register(BackendSpec("image", frozenset({"images"}), factory))

@@ -33,3 +33,15 @@ def register_export_formats(register):
             export=export_ct2,
         )
     )
+
+
+@hookimpl
+def register_serving_backends(register):
+    from polyadapt.serve.backend import BackendSpec
+
+    def factory(context):
+        from .serving import SpeechBackend
+
+        return SpeechBackend(context)
+
+    register(BackendSpec("speech", frozenset({"transcriptions"}), factory, peft_methods=frozenset({"lora"})))

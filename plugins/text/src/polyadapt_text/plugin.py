@@ -25,3 +25,15 @@ def register_export_formats(register):
             export=export_merged,
         )
     )
+
+
+@hookimpl
+def register_serving_backends(register):
+    from polyadapt.serve.backend import BackendSpec
+
+    def factory(context):
+        from .serving import TextBackend
+
+        return TextBackend(context)
+
+    register(BackendSpec("text", frozenset({"completions", "chat"}), factory, peft_methods=frozenset({"lora"})))
