@@ -57,3 +57,80 @@ def export_merged(loaded: LoadedRun, output_dir: Path) -> dict[str, Any]:
         "architecture": type(merged).__name__,
         "files": sorted(p.name for p in Path(output_dir).iterdir()),
     }
+
+
+#: the ranks vLLM's ``--max-lora-rank`` accepts
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_adapter_name(run_dir: Path) -> str:
+    """The name clients send as ``model``: the run directory's name, or ``NAME-vN`` for a registry version pulled
+    into the cache (``.../registry/NAME/vN-<digest>``)."""
+    import re
+
+    name = run_dir.name
+    match = re.match(r"^(v[0-9]+)-[0-9a-f]{16}$", name)
+    if match and run_dir.parent.parent.name == "registry":
+        name = f"{run_dir.parent.name}-{match.group(1)}"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "adapter"
+
+
+def export_vllm(loaded: LoadedRun, output_dir: Path) -> dict[str, Any]:
+    """The adapter as vLLM's LoRA loader reads it, beside a ``serve.sh`` with the ``vllm serve`` command.
+
+    Checked before anything is written, each refusal naming the reason: a plain LoRA (``peft_type`` LORA, no DoRA, no
+    bias, no ``modules_to_save``, no per-layer rank or alpha patterns), every tensor a ``lora_A``/``lora_B`` weight
+    under ``base_model.model.``, and a rank vLLM supports (``--max-lora-rank`` is set to the smallest accepted value at
+    least that rank)."""
+    import json
+    import shlex
+    import shutil
+
+    from safetensors import safe_open
+
+    from polyadapt.errors import ExportError
+
+    run_dir = Path(loaded.run_dir)
+    config = json.loads((run_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    problems = []
+    if str(config.get("peft_type", "")).upper() != "LORA":
+        problems.append(f"peft_type {config.get('peft_type')!r} (vLLM serves LoRA adapters only)")
+    if config.get("use_dora"):
+        problems.append("use_dora is true (vLLM has no DoRA)")
+    if config.get("bias", "none") != "none":
+        problems.append(f"bias {config.get('bias')!r} (vLLM loads no LoRA biases)")
+    if config.get("modules_to_save"):
+        problems.append(f"modules_to_save {config['modules_to_save']}")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        problems.append("per-layer rank_pattern/alpha_pattern")
+    with safe_open(str(run_dir / "adapter_model.safetensors"), "pt") as handle:
+        keys = list(handle.keys())
+        ranks = {handle.get_slice(k).get_shape()[0] for k in keys if k.endswith(".lora_A.weight")}
+    odd = [k for k in keys if not (k.startswith("base_model.model.") and k.endswith((".lora_A.weight", ".lora_B.weight")))]
+    if odd:
+        problems.append(f"tensors other than plain lora_A/lora_B weights ({odd[0]}, {len(odd)} in all)")
+    rank = max(ranks | {int(config.get("r", 0))})
+    if rank > VLLM_RANKS[-1]:
+        problems.append(f"rank {rank} is above vLLM's largest --max-lora-rank {VLLM_RANKS[-1]}")
+    if problems:
+        raise ExportError("--format vllm: this adapter is not one vLLM loads: " + "; ".join(problems))
+    name = vllm_adapter_name(run_dir)
+    target = output_dir / name
+    target.mkdir(parents=True)
+    for file in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy2(run_dir / file, target / file)
+    base = loaded.manifest.base
+    model = base.hub_id or base.path or base.reference
+    max_rank = next(r for r in VLLM_RANKS if r >= rank)
+    gguf = str(model).endswith(".gguf")
+    command = [
+        "vllm", "serve", str(model), "--enable-lora", "--max-lora-rank", str(max_rank), "--max-loras", "1",
+        "--lora-modules", f"{name}=$(dirname \"$0\")/{name}",
+    ]  # fmt: skip
+    lines = ["#!/usr/bin/env bash", "# Serve the base with this adapter as the model name " + shlex.quote(name)]
+    if gguf:
+        lines.append("# The base is a GGUF file: point vLLM at the original Hugging Face checkpoint instead.")
+    lines.append(" ".join(shlex.quote(c) if "$" not in c else c for c in command))
+    (output_dir / "serve.sh").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (output_dir / "serve.sh").chmod(0o755)
+    return {"adapters": {name: name}, "max_lora_rank": max_rank, "base": str(model), "base_is_gguf": gguf}

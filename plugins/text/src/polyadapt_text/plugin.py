@@ -15,7 +15,7 @@ def register_modalities(register):
 
 @hookimpl
 def register_export_formats(register):
-    from .export import export_merged
+    from .export import export_merged, export_vllm
 
     register(
         ExportFormat(
@@ -23,6 +23,14 @@ def register_export_formats(register):
             modality="text",
             help="adapter merged into the base weights (safetensors + tokenizer), after a logit parity gate",
             export=export_merged,
+        )
+    )
+    register(
+        ExportFormat(
+            name="vllm",
+            modality="text",
+            help="the LoRA as vLLM loads it (checked) and serve.sh with the `vllm serve --enable-lora` command",
+            export=export_vllm,
         )
     )
 
