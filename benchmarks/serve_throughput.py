@@ -225,6 +225,25 @@ def summary(result: dict) -> dict:
     }
 
 
+def print_comparison(figures: dict, unit: str, rate: str, naive: str) -> None:
+    """The three servers' rate and latency, then polyadapt's ratios to the naive server and to the merged model."""
+    names = {
+        "polyadapt": "polyadapt (batched, per-row adapters)",
+        "naive": f"naive ({naive}, one at a time)",
+        "merged": "one merged adapter (same engine, no LoRA)",
+    }
+    width = max(len(label) for label in names.values()) + 2
+    print(f"{'server':<{width}} {unit:>9} {'p50 s':>8} {'p95 s':>8}")
+    for key, label in names.items():
+        f = figures[key]
+        print(f"{label:<{width}} {f[rate]:>9.1f} {f['p50_s']:>8.3f} {f['p95_s']:>8.3f}")
+    p, n, m = figures["polyadapt"], figures["naive"], figures["merged"]
+    print(f"\npolyadapt / naive {unit}: {p[rate] / n[rate]:.2f}x "
+          f"(p50 latency {p['p50_s'] / n['p50_s']:.2f}x, p95 {p['p95_s'] / n['p95_s']:.2f}x)")  # fmt: skip
+    print(f"polyadapt / merged {unit}: {p[rate] / m[rate]:.2f}x "
+          f"(what serving 4 adapters in one batch costs against one merged model)")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="toy")
@@ -257,20 +276,7 @@ def main() -> None:
     agree = sum(a == b for a, b in zip(ours["answers"], naive["answers"], strict=True))
     print(f"\n{options.requests} chat requests over 4 adapters, {options.clients} concurrent clients, "
           f"{options.max_tokens} new tokens each, greedy; {options.shape} base, {options.threads} CPU threads\n")  # fmt: skip
-    print(f"{'server':<44} {'tokens/s':>9} {'p50 s':>8} {'p95 s':>8}")
-    names = {
-        "polyadapt": "polyadapt (batched, per-row adapters)",
-        "naive": "naive (set_adapter + generate, one at a time)",
-        "merged": "one merged adapter (same engine, no LoRA)",
-    }
-    for key, label in names.items():
-        f = figures[key]
-        print(f"{label:<44} {f['tokens_per_s']:>9.1f} {f['p50_s']:>8.3f} {f['p95_s']:>8.3f}")
-    p, n, m = figures["polyadapt"], figures["naive"], figures["merged"]
-    print(f"\npolyadapt / naive tokens/s: {p['tokens_per_s'] / n['tokens_per_s']:.2f}x "
-          f"(p50 latency {p['p50_s'] / n['p50_s']:.2f}x, p95 {p['p95_s'] / n['p95_s']:.2f}x)")  # fmt: skip
-    print(f"polyadapt / merged tokens/s: {p['tokens_per_s'] / m['tokens_per_s']:.2f}x "
-          f"(what serving 4 adapters in one batch costs against one merged model)")  # fmt: skip
+    print_comparison(figures, "tokens/s", "tokens_per_s", "set_adapter + generate")
     print(f"answers identical to the naive server's: {agree}/{options.requests}")
     if options.json:
         print(json.dumps({**figures, "agree": agree}, indent=2))

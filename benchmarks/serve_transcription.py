@@ -34,7 +34,7 @@ import threading
 from pathlib import Path
 
 from harness import measure
-from serve_throughput import closed_loop, summary
+from serve_throughput import closed_loop, print_comparison, summary
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIPS = ROOT / "sample_data" / "speech" / "test"
@@ -221,21 +221,9 @@ def main() -> None:
     print(f"\n{options.requests} transcriptions of the sample test clips ({figures['polyadapt']['audio_s']:.1f} s of "
           f"audio) over 4 adapters, {options.clients} concurrent clients, greedy, at most {options.max_tokens} "
           f"tokens each; tiny Whisper base, {options.threads} CPU threads\n")  # fmt: skip
-    print(f"{'server':<48} {'audio s/s':>9} {'p50 s':>8} {'p95 s':>8}")
-    names = {
-        "polyadapt": "polyadapt (batched, per-row adapters)",
-        "naive": "naive (set_adapter + generate_ids, one at a time)",
-        "merged": "one merged adapter (same engine, no LoRA)",
-    }
-    for key, label in names.items():
-        f = figures[key]
-        print(f"{label:<48} {f['audio_s_per_s']:>9.1f} {f['p50_s']:>8.3f} {f['p95_s']:>8.3f}")
-    p, n, m = figures["polyadapt"], figures["naive"], figures["merged"]
-    print(f"\npolyadapt / naive audio s/s: {p['audio_s_per_s'] / n['audio_s_per_s']:.2f}x "
-          f"(p50 latency {p['p50_s'] / n['p50_s']:.2f}x, p95 {p['p95_s'] / n['p95_s']:.2f}x)")  # fmt: skip
-    print(f"polyadapt / merged audio s/s: {p['audio_s_per_s'] / m['audio_s_per_s']:.2f}x "
-          f"(what serving 4 adapters in one batch costs against one merged model)")  # fmt: skip
-    print(f"transcripts identical to the naive server's: {agree}/{options.requests}")
+    print_comparison(figures, "audio s/s", "audio_s_per_s", "set_adapter + generate_ids")
+    empty = sum(not str(a).strip() for a in ours["answers"])
+    print(f"transcripts identical to the naive server's: {agree}/{options.requests} ({empty} empty)")
     if options.json:
         print(json.dumps({**figures, "agree": agree}, indent=2))
 
