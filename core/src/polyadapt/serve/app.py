@@ -93,6 +93,8 @@ class ServeMiddleware:
                 from fastapi.responses import JSONResponse
 
                 error = as_api_error(exc)
+                if error.status == 413:
+                    await drain(receive, limit + max(limit, DRAIN_BYTES))
                 await JSONResponse(error.body(), status_code=error.status)(scope, receive, counted_send)
         code = str(status["code"])
         self.metrics.requests.labels(endpoint, code).inc()
@@ -102,7 +104,25 @@ class ServeMiddleware:
 
     @staticmethod
     async def _refuse(scope: dict, receive: Any, send: Any, limit: int) -> None:
+        """413 after reading (and dropping) the body, up to a bound: a client still sending when the answer comes
+        and the socket closes gets a connection reset instead of the 413."""
         from fastapi.responses import JSONResponse
 
+        await drain(receive, limit + max(limit, DRAIN_BYTES))
         error = too_large(f"The request body is larger than {limit // 2**20} MiB.")
         await JSONResponse(error.body(), status_code=413)(scope, receive, send)
+
+
+DRAIN_BYTES = 16 * 2**20
+
+
+async def drain(receive: Any, most: int) -> None:
+    """Read and drop what is left of a request body, at most ``most`` bytes."""
+    seen = 0
+    while seen <= most:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        seen += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
