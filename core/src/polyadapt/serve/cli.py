@@ -1,4 +1,4 @@
-"""``polyadapt serve CONFIG [--host 127.0.0.1] [--port 8000]``: only click is imported until the command runs."""
+"""``polyadapt serve CONFIG [--host 127.0.0.1] [--port 8000] [--ray]``: only click is imported until the command runs."""
 
 from __future__ import annotations
 
@@ -13,7 +13,16 @@ import click
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))  # fmt: skip
-def serve(config: Path, host: str, port: int, log_level: str) -> None:
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Run as a Ray Serve application: replicas of every base, adapters multiplexed across them.")
+@click.option("--replicas", default=2, show_default=True, type=click.IntRange(min=1), help="Ray Serve replicas.")
+@click.option("--cpus-per-replica", default=1.0, show_default=True, type=click.FloatRange(min=0),
+              help="CPUs Ray reserves for each replica.")
+@click.option("--ray-address", help="Ray cluster to join (default: a local Ray instance started for the server).")
+def serve(
+    config: Path, host: str, port: int, log_level: str, use_ray: bool, replicas: int, cpus_per_replica: float,
+    ray_address: str | None,
+) -> None:  # fmt: skip
     """Serve the bases and adapters of CONFIG behind OpenAI-compatible endpoints (see README: Serving)."""
     import importlib.util
     import logging
@@ -28,6 +37,13 @@ def serve(config: Path, host: str, port: int, log_level: str) -> None:
     cfg = load_serve_config(config)
     keys = read_keys(cfg, source=str(config))  # before any model loads: a missing key is exit 2 at once
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if use_ray:
+        from .ray_serve import require_ray_serve, run_ray_server
+
+        require_ray_serve()
+        run_ray_server(cfg, host=host, port=port, replicas=replicas, cpus_per_replica=cpus_per_replica,
+                       address=ray_address)  # fmt: skip
+        return
     from .server import run_server
 
     run_server(cfg, keys, host=host, port=port, log_level=log_level)
