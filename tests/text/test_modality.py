@@ -21,7 +21,11 @@ def test_declarations_match_what_the_run_implements(modality):
     for capability in modality.capabilities:
         assert issubclass(TextRun, PROTOCOLS[capability])
     assert TextRun.peft_task_type == "CAUSAL_LM"
-    assert set(modality.metrics) == {"perplexity", "exact_match", "token_f1", "fact_accuracy"}
+    assert set(modality.metrics) == {
+        "perplexity", "exact_match", "token_f1", "fact_accuracy",
+        # preference objectives (text.objective: dpo | ipo | orpo | simpo)
+        "preference_accuracy", "reward_accuracy", "reward_margin", "chosen_logp", "rejected_logp", "compliance",
+    }  # fmt: skip
 
 
 def raw_config(base, data, **sections):

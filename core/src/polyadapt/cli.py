@@ -159,9 +159,26 @@ def _print_metrics(report: dict[str, Any]) -> None:
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--data", type=click.Path(path_type=Path), help="Dataset directory to evaluate on (default: the run's).")
 @click.option("--max-samples", type=click.IntRange(min=1), help="Evaluate on at most N held-out samples.")
-def evaluate(run_dir: Path, data: Path | None, max_samples: int | None) -> None:
+@click.option(
+    "--retrieve", metavar="INDEX",
+    help="Compare base, base + retrieval, adapter and adapter + retrieval with chunks of INDEX (directory or "
+    "NAME@REF); --data may then also be question JSONL files.",
+)  # fmt: skip
+@click.option("--top-k", type=click.IntRange(1, 64), help="Chunks retrieved per question with --retrieve.")
+def evaluate(
+    run_dir: Path, data: Path | None, max_samples: int | None, retrieve: str | None, top_k: int | None
+) -> None:
     """Evaluate base vs adapted model of RUN_DIR on held-out data; update its report."""
     from .lifecycle import evaluate as run_evaluate
+
+    if retrieve is not None:
+        from .retrieval_eval import compare, format_table
+
+        comparison = compare(run_dir, retrieve, data=data, top_k=top_k, max_samples=max_samples)
+        click.echo(format_table(comparison))
+        return
+    if top_k is not None:
+        raise ConfigError("--top-k: only with --retrieve INDEX")
 
     report = run_evaluate(run_dir, data=data, max_samples=max_samples)
     _print_metrics(report)
@@ -279,6 +296,12 @@ cli.add_command(registry)
 from .serve.cli import serve  # noqa: E402 - only click is imported until the command runs
 
 cli.add_command(serve)
+from .federated.cli import federate  # noqa: E402 - only click is imported until the command runs
+
+cli.add_command(federate)
+from .retrieval.cli import index  # noqa: E402 - only click is imported until the command runs
+
+cli.add_command(index)
 
 
 def main(argv: list[str] | None = None) -> None:

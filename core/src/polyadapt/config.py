@@ -47,6 +47,16 @@ class DataConfig(Section):
     on_bad_sample: Literal["fail", "skip"] = Field(
         "fail", description="fail: stop listing every bad sample; skip: leave them out and record each in the manifest."
     )
+    pii: Literal["report", "redact", "fail"] = Field(
+        "report",
+        description="Personal data in the samples' text (polyadapt.pii): report: list it, masked; redact: train on "
+        "copies with typed placeholders (the files are not changed); fail: stop listing every finding.",
+    )
+    pii_allow: list[str] = Field(
+        default_factory=list,
+        description="Values that are not personal data (an organisation's own support line), never reported or "
+        "redacted; compared ignoring case, spaces and punctuation.",
+    )
 
     @field_validator("path")
     @classmethod
@@ -67,6 +77,11 @@ class PeftSection(Section):
     )
     num_virtual_tokens: int = Field(16, ge=1, description="Prefix tuning: virtual tokens per layer.")
     init_weights: bool = Field(True, description="Initialise the adapter as the identity (peft's default).")
+    init_from: str | None = Field(
+        None,
+        description="Continue training a finished run's adapter instead of a fresh one: a run directory or a "
+        "registry reference NAME@REF (its rank, alpha and targets are kept; the manifest records it as the parent).",
+    )
 
 
 AUTO = "auto"
@@ -164,7 +179,35 @@ class EvalConfig(Section):
 
 SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
-CORE_KEYS = ("modality", "base", "base_revision", "trust_remote_code", "data", "output", "peft", "train", "eval")
+
+class DPConfig(Section):
+    """Client-side differential privacy of ``polyadapt federate``: each site's update clipped, then noised."""
+
+    clip: float = Field(gt=0, description="L2 norm each site's update (vs the round's start) is clipped to.")
+    noise_multiplier: float = Field(
+        ge=0, description="Gaussian noise std as a multiple of clip: each coordinate gets N(0, (noise_multiplier*clip)^2)."
+    )
+    delta: float = Field(1e-5, gt=0, lt=1, description="The delta of the (epsilon, delta) budget reported per round.")
+
+
+class FederateConfig(Section):
+    """``polyadapt federate``: the rounds and how sites' adapter updates are aggregated (CLI options override)."""
+
+    aggregate: Literal["ffa", "stack", "fedavg"] = Field(
+        "ffa",
+        description="ffa: LoRA A frozen at the shared seed, B averaged (exact); stack: sites' factors concatenated "
+        "(exact, rank grows; SVD to peft.r at the end); fedavg: A and B averaged separately (inexact).",
+    )
+    rounds: int = Field(3, ge=1, description="Federated rounds; each site trains once per round.")
+    on_site_failure: Literal["fail", "skip"] = Field(
+        "fail", description="fail: a site with broken data or a failed local round stops the run; skip: it is left out."
+    )
+    dp: DPConfig | None = Field(None, description="Client-side clipping and Gaussian noise of updates; null: none.")
+
+
+CORE_KEYS = (
+    "modality", "base", "base_revision", "trust_remote_code", "data", "output", "peft", "train", "eval", "federate",
+)  # fmt: skip
 
 
 class AdaptConfig(Section):
@@ -179,6 +222,7 @@ class AdaptConfig(Section):
     peft: PeftSection = Field(default_factory=PeftSection)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    federate: FederateConfig | None = Field(None, description="Federated adaptation (`polyadapt federate`).")
     settings: Any = Field(None, exclude=True, description="The modality's own section (set by polyadapt).")
 
     @field_validator("data", mode="before")
@@ -190,6 +234,8 @@ class AdaptConfig(Section):
     def to_dict(self) -> dict[str, Any]:
         """The fully resolved config as plain JSON-able data (what the manifest records)."""
         data = self.model_dump(mode="json")
+        if self.federate is None:  # configs without the section record what they did before it existed
+            data.pop("federate")
         if self.settings is not None:
             data[self.modality] = self.settings.model_dump(mode="json")
         return data

@@ -62,12 +62,15 @@ def try_resolve_base(reference: str, pm: PolyadaptPluginManager | None = None) -
 def read_data(
     modality: Modality, config: AdaptConfig, path: Path | None = None, base: ResolvedBase | None = None
 ) -> tuple[DatasetSplits, list[dict]]:
-    """The modality reads the dataset; polyadapt picks the held-out split and applies ``data.on_bad_sample``."""
+    """The modality reads the dataset; polyadapt picks the held-out split and applies ``data.on_bad_sample``, then
+    ``data.pii`` (:func:`polyadapt.pii.apply_pii_policy`: with ``redact`` the splits returned are redacted copies)."""
     from .modality import DataContext
+    from .pii import apply_pii_policy
 
     path = Path(path or config.data.path)
     splits = modality.load_data(DataContext(config=config, path=path, base=base))
     skipped = enforce_bad_sample_policy(list(splits.problems), config.data.on_bad_sample, str(path))
+    splits, _ = apply_pii_policy(splits, config, str(path))
     return splits, skipped
 
 
@@ -237,17 +240,23 @@ def doctor(
     ``splits.problems``."""
     from .defaults import resolve_general_data
     from .modality import DataContext
+    from .pii import apply_pii_policy
 
     config = resolve_general_data(config).config
     pm = plugin_manager or get_plugin_manager()
     modality = pm.get_modality(config.modality)
     base = try_resolve_base(config.base, pm)
     splits = modality.load_data(DataContext(config=config, path=Path(config.data.path), base=base))
+    warnings = list(splits.warnings)  # the scan's own warning repeats its summary below
+    splits, scan = apply_pii_policy(splits, config, str(config.data.path), raise_on_fail=False)
+    if config.data.pii == "fail":
+        splits.problems.extend(scan.problems())
     summary = [
         f"train: {len(splits.train)} samples, held-out: {len(splits.validation)} samples "
         f"({_heldout_words(splits.heldout)})",
         *[f"dropped {n} sample(s): {reason}" for reason, n in splits.dropped.items()],
-        *[f"warning: {w}" for w in splits.warnings],
+        *[f"warning: {w}" for w in warnings],
+        *scan.summary(),
     ]
     if config.eval.general_data is not None:
         general = modality.load_data(
@@ -258,10 +267,85 @@ def doctor(
     return splits, summary
 
 
+# -- a parent adapter (peft.init_from) ---------------------------------------------------------------------------
+
+
+@dataclass
+class ParentAdapter:
+    """The finished run whose adapter a new run continues training (``peft.init_from``), verified."""
+
+    reference: str
+    path: Path
+    manifest: Manifest
+
+    def lineage(self) -> dict[str, Any]:
+        """What the new run's manifest records of it under ``parents``: where it came from, its adapter digests,
+        data and metrics, and its own parents."""
+        import hashlib
+        import json
+
+        from .registry import looks_like_ref
+
+        manifest = self.manifest
+        files = dict(manifest.adapter.files) if manifest.adapter else {}
+        record: dict[str, Any] = {
+            "role": "init_from", "reference": self.reference, "path": str(self.path.resolve()),
+            "method": manifest.adapter.method if manifest.adapter else None,
+            "objective": (manifest.config.get(manifest.modality) or {}).get("objective", "sft"),
+            "adapter_files": files,
+            "adapter_sha256": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest(),
+            "data": {"path": manifest.data.path, "fingerprint": manifest.data.fingerprint.get("sha256"),
+                     "counts": dict(manifest.data.counts)},
+            "headline": manifest.metrics.headline, "metrics": {"after": manifest.metrics.after},
+            "parents": list(manifest.parents),
+        }  # fmt: skip
+        if looks_like_ref(self.reference):
+            record["registry"] = {"name": self.reference.partition("@")[0], "version": self.path.name.split("-")[0]}
+        return record
+
+
+def resolve_parent_adapter(
+    config: AdaptConfig, base: ResolvedBase, pm: PolyadaptPluginManager | None = None
+) -> ParentAdapter | None:
+    """``peft.init_from`` resolved (a run directory, or ``NAME@REF`` pulled from the registry) and checked before any
+    model loads: a complete run with intact adapter files, of the same modality, base weights and PEFT method."""
+    from .manifest import base_weights_digest
+
+    reference = config.peft.init_from
+    if reference is None:
+        return None
+    try:
+        path, manifest, _ = open_run(reference, pm)
+    except PolyadaptError as exc:
+        raise ConfigError(f"peft.init_from: {exc}") from None
+    if manifest.modality != config.modality:
+        raise ConfigError(
+            f"peft.init_from: {reference} is a {manifest.modality} adapter; this run is {config.modality}"
+        )
+    ours = base_weights_digest(base.path) if base.path is not None else {}
+    theirs = manifest.base.weights_sha256
+    same = ours == theirs if ours and theirs else manifest.base.reference == base.reference
+    if not same:
+        raise ConfigError(
+            f"peft.init_from: {reference} was trained on base {manifest.base.reference}, whose weights differ from "
+            f"this run's base {base.reference}"
+        )
+    method = manifest.adapter.method if manifest.adapter else None
+    if method != config.peft.method:
+        raise ConfigError(
+            f"peft.method: {config.peft.method!r}, but the peft.init_from adapter {reference} is {method!r}; "
+            "set peft.method to match it"
+        )
+    return ParentAdapter(reference=str(reference), path=path, manifest=manifest)
+
+
 def _heldout_words(heldout: dict[str, Any]) -> str:
     if heldout.get("source") == "holdout":
         return f"cut from train: data.holdout={heldout['fraction']}, seed {heldout['seed']}"
     return f"the {heldout.get('source')} split"
 
 
-__all__ = ["LoadedRun", "adapt", "doctor", "evaluate", "load_run", "open_base", "open_run"]
+__all__ = [
+    "LoadedRun", "ParentAdapter", "adapt", "doctor", "evaluate", "load_run", "open_base", "open_run",
+    "resolve_parent_adapter",
+]  # fmt: skip

@@ -150,6 +150,8 @@ class Manifest(Record):
     parents: list[dict[str, Any]] = Field(default_factory=list)
     #: how a composed adapter was made: method, weights, rank, density, truncation error
     composition: dict[str, Any] | None = None
+    #: how a federated adapter was made: sites (data fingerprints, sample counts), rounds, aggregator, DP budget, bytes
+    federation: dict[str, Any] | None = None
     error: str | None = None
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)

@@ -121,7 +121,12 @@ class PeftRun(ModalityRun):
         from .adapters import build_peft_config
 
         if self.ctx.config.train.grad_checkpointing:
-            enable_gradient_checkpointing(self.model)
+            enable_gradient_checkpointing(unwrap(self.model))
+        if self.ctx.config.peft.init_from is not None and DEFAULT_ADAPTER in self.adapter_names():
+            # peft.init_from: the parent adapter, attached frozen by load_adapter, is the one trained on
+            self.model.set_adapter(DEFAULT_ADAPTER, inference_mode=False)
+            self.model.peft_config[DEFAULT_ADAPTER].inference_mode = False
+            return
         config = build_peft_config(self.ctx.config.peft, self.resolve_target_modules(), task_type=self.peft_task_type)
         with quiet_library_warnings():
             self.model = get_peft_model(self.model, config, adapter_name=DEFAULT_ADAPTER)

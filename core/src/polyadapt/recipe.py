@@ -68,6 +68,8 @@ class AdaptRecipe:
         self.general_after: EvalResult | None = None
         self.result: TrainResult | None = None
         self.resume_from: Path | None = None
+        #: the finished run whose adapter this one continues (``peft.init_from``), or None for a fresh adapter
+        self.parent: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -99,12 +101,13 @@ class AdaptRecipe:
         (``eval.general_data: auto`` resolved), the accelerator, the run directory claimed and the manifest started."""
         from .checkpoint import list_checkpoints
         from .defaults import resolve_general_data
-        from .lifecycle import make_accelerator, read_data, resolve_base
+        from .lifecycle import make_accelerator, read_data, resolve_base, resolve_parent_adapter
 
         general = resolve_general_data(self.config)
         config = self.config = general.config
         base = resolve_base(config.base, self.pm)
         self.splits, skipped = read_data(self.modality, config, base=base)
+        self.parent = resolve_parent_adapter(config, base, self.pm)
         self.eval_samples = limit(self.splits.validation, config.eval.max_samples)
         self.accelerator = make_accelerator(config, self.run_dir)
         previous = self.rundir.claim(config, self.resume, self.overwrite) if self.is_main else None
@@ -127,6 +130,8 @@ class AdaptRecipe:
             resumed=[*(previous.resumed if previous else []), *([now_iso()] if previous else [])],
         )
         self.manifest.auto.update(general.choices)
+        if self.parent is not None:
+            self.manifest.parents = [self.parent.lineage()]
         if previous is not None:
             # a resumed run keeps the base model's metrics measured when it started
             self.manifest.metrics.before = previous.metrics.before
@@ -152,6 +157,9 @@ class AdaptRecipe:
         run.load_base()
         freeze_base(run)
         run.model.to(ctx.device)
+        if self.parent is not None:
+            # the parent adapter is there before anything is measured: "before" is the parent, not the bare base
+            run.load_adapter(self.parent.path)
         for key, value in run.info.items():
             setattr(self.manifest.base, key, value)
         self.adopt_settings(run)
@@ -214,7 +222,7 @@ class AdaptRecipe:
             self.rundir.save(manifest)
 
     def train(self) -> None:
-        """Attach a fresh adapter and run the shared loop on it."""
+        """Attach a fresh adapter (or make the ``peft.init_from`` one trainable) and run the shared loop on it."""
         from accelerate.utils import set_seed
 
         from .adapters import count_parameters

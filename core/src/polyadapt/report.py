@@ -103,6 +103,7 @@ def write_model_card(
         f"- fingerprint (sha256 over every file): `{(data.get('fingerprint') or {}).get('sha256')}`",
         f"- samples: {data.get('counts', {}).get('train')} train, {data.get('counts', {}).get('validation')} held out "
         f"(held-out split: {(data.get('heldout') or {}).get('source', '?')})",
+        *([f"- personal data: {pii_words(data['details']['pii'])}"] if (data.get("details") or {}).get("pii") else []),
         "",
         "## Adapter",
         "",
@@ -128,6 +129,23 @@ def write_model_card(
     path = run_dir / "README.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def pii_words(record: dict[str, Any]) -> str:
+    """One line on the manifest's ``data.details.pii`` (:mod:`polyadapt.pii`): the policy, counts per type, what
+    was done."""
+    policy = record.get("policy")
+    if not record.get("scanned"):
+        return f"not scanned ({record.get('reason')}); data.pii: {policy}"
+    counts = ", ".join(f"{t} {n}" for t, n in (record.get("counts") or {}).items() if n) or "none found"
+    if record.get("redacted"):
+        done = "redacted to typed placeholders before training (the files are unchanged)"
+    else:
+        done = "trained on as written" if record.get("total") else "nothing to redact"
+    unseen = ", ".join(record.get("not_detected") or {})
+    return f"{counts} in {record.get('records')} records (data.pii: {policy}): {done}" + (
+        f"; not detected: {unseen}" if unseen else ""
+    )
 
 
 def _plain(value: Any) -> str:
@@ -234,6 +252,7 @@ def _render_html(
         "stopped early": training.get("stopped_early"),
         "train / held-out samples": f"{data.get('counts', {}).get('train')} / {data.get('counts', {}).get('validation')}",
         "data fingerprint": (data.get("fingerprint") or {}).get("sha256"),
+        "personal data": pii_words(pii) if (pii := (data.get("details") or {}).get("pii")) else None,
     }
     fact_html = "".join(f"<dt>{html.escape(k)}</dt><dd>{_fmt(v)}</dd>" for k, v in facts.items() if v is not None)
     parts = [

@@ -68,7 +68,8 @@ def push(run_dir: Path, name: str, tag_values: tuple[str, ...], description: str
     if result.created:
         click.echo(result.version.label)
     else:
-        click.echo(f"{result.version.label} (already stored: {result.version.label} holds the same adapter files)")
+        what = "index" if result.version.modality == "index" else "adapter"
+        click.echo(f"{result.version.label} (already stored: {result.version.label} holds the same {what} files)")
 
 
 @registry.command("list")

@@ -29,6 +29,9 @@ from .store import Conflict, MetadataStore, aliases, dumps, events, files, names
 from .store import tags as tag_table
 
 REPORT_JSON = "report.json"
+#: a document index's manifest (polyadapt.retrieval) and the kind its versions have
+INDEX_MANIFEST = "index.json"
+INDEX_KIND = "index"
 DEFAULT_LOCATION = "registry"
 ENV_URL = "POLYADAPT_REGISTRY"
 ENV_FILES = "POLYADAPT_REGISTRY_FILES"
@@ -182,13 +185,16 @@ class Registry:
         self, run_dir: str | Path, name: str, *, tags: dict[str, str] | None = None, description: str = ""
     ) -> PushResult:
         """Store a complete run as the next version of ``name``. The same adapter files already stored under this
-        name give that version back (``created`` False) instead of a copy."""
+        name give that version back (``created`` False) instead of a copy. A document index (a directory holding
+        ``index.json``, see :mod:`polyadapt.retrieval`) is stored the same way, as a version of kind ``index``."""
         from ..rundir import RunDirectory
 
         check_name(name)
         tags = dict(tags or {})
         for key in tags:
             check_name(key, "tag key")
+        if _is_index(run_dir):
+            return self._push_index(Path(run_dir), name, tags, description)
         rundir = RunDirectory(run_dir)
         manifest = rundir.complete_manifest()
         if manifest.adapter is None or not manifest.adapter.files:
@@ -206,6 +212,27 @@ class Registry:
                 raise RunDirectoryError(f"{rundir.path}: {file!r} is not a file the registry stores (safetensors/JSON)")
         summary = _summary(manifest, _read_json(local.get(REPORT_JSON)))
         content = _content_digest(manifest.adapter.files, summary["base"]["weights_sha256"])
+        row = {
+            "manifest_sha256": entries[MANIFEST_NAME], "modality": manifest.modality,
+            "base_reference": manifest.base.reference, "base_sha256": summary["base_sha256"],
+            "data_fingerprint": (manifest.data.fingerprint or {}).get("sha256"), "headline": manifest.metrics.headline,
+            "source": str(rundir.path.resolve()),
+        }  # fmt: skip
+        return self._store_version(name, "adapter", entries, local, content, row, summary, tags, description)
+
+    def _push_index(self, path: Path, name: str, tags: dict[str, str], description: str) -> PushResult:
+        from ..retrieval.index import registry_record
+
+        record = registry_record(path)
+        return self._store_version(
+            name, INDEX_KIND, record["files"], record["local"], record["content"], record["row"], record["summary"],
+            tags, description,
+        )  # fmt: skip
+
+    def _store_version(
+        self, name: str, kind: str, entries: dict[str, str], local: dict[str, Path], content: str,
+        row: dict[str, Any], summary: dict[str, Any], tags: dict[str, str], description: str,
+    ) -> PushResult:  # fmt: skip
         same = self._find_content(name, content)
         if same is not None:
             return PushResult(self.get(Ref(name, f"v{same}")), created=False)
@@ -214,14 +241,11 @@ class Registry:
         sizes = {file: local[file].stat().st_size for file in entries}
         row = {
             "created": now_iso(), "created_by": current_user(), "description": description,
-            "content_sha256": content, "manifest_sha256": entries[MANIFEST_NAME], "modality": manifest.modality,
-            "base_reference": manifest.base.reference, "base_sha256": summary["base_sha256"],
-            "data_fingerprint": (manifest.data.fingerprint or {}).get("sha256"), "headline": manifest.metrics.headline,
-            "source": str(rundir.path.resolve()), "summary": dumps(summary),
+            "content_sha256": content, **row, "summary": dumps(summary),
         }  # fmt: skip
 
         def work(conn: sa.Connection) -> int:
-            number = self._take_version(conn, name, "adapter")
+            number = self._take_version(conn, name, kind)
             conn.execute(versions.insert().values(name=name, version=number, **row))
             for file, digest in sorted(entries.items()):
                 conn.execute(files.insert().values(name=name, version=number, path=file, sha256=digest, size=sizes[file]))
@@ -238,7 +262,7 @@ class Registry:
             conn.execute(names.insert().values(name=name, kind=kind, created=now_iso(), next_version=2))
             return 1
         if row.kind != kind:
-            raise RegistryError(f"{name} holds {row.kind} versions, not {kind}s")
+            raise RegistryError(f"{name} holds {row.kind} versions, not {kind} versions")
         taken = conn.execute(
             names.update()
             .where(names.c.name == name, names.c.next_version == row.next_version)
@@ -490,7 +514,7 @@ class Registry:
                 if not FILE_NAME.match(path):
                     raise RegistryError(f"{version.label}: stored file name {path!r} is not allowed; refusing to pull")
                 self._copy_checked(version, path, digest, partial / path)
-            _write_card(partial, output, version, self.manifest(version))
+            _write_card(partial, output, version, None if version.modality == INDEX_KIND else self.manifest(version))
             if output.exists():
                 output.rmdir()
             os.replace(partial, output)
@@ -725,8 +749,19 @@ def _differences(a: Any, b: Any, prefix: str = "") -> dict[str, dict[str, Any]]:
     return {} if a == b else {prefix.rstrip("."): {"a": a, "b": b}}
 
 
-def _write_card(directory: Path, final: Path, version: Version, manifest: Manifest) -> None:
+def _is_index(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / INDEX_MANIFEST).is_file() and not (path / MANIFEST_NAME).is_file()
+
+
+def _write_card(directory: Path, final: Path, version: Version, manifest: Manifest | None) -> None:
     from ..report import write_model_card
+
+    if manifest is None:  # a document index: its card comes from polyadapt.retrieval
+        from ..retrieval.index import index_card
+
+        (directory / "README.md").write_text(index_card(version.label, version.summary), encoding="utf-8")
+        return
 
     try:
         from ..plugins import get_plugin_manager

@@ -195,6 +195,8 @@ class GenerationOptions:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    #: retrieved chunks (best first) to ground the prompt in (``retrieve:`` of the adapter or route); none: as asked
+    excerpts: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -250,6 +252,11 @@ class GenerationBackend(ServingBackend):
     ) -> Any:
         """The job spec of a chat completion of ``(role, content)`` messages (the run's system prompt added when
         there is none, as in training)."""
+
+    def sources(self, spec: Any, text: str) -> tuple[str, list[dict[str, Any]]]:
+        """A grounded completion's text with its sources listed after it, and the sources (``index``: the number
+        the prompt gave the chunk, ``citation``, ``source``, ``score``, ``cited``); an ungrounded one unchanged."""
+        return text, []
 
 
 class TranscriptionBackend(ServingBackend):

@@ -8,6 +8,7 @@
     adapters:                            # the names clients send as `model`
       support: {base: smol, from: harbor-support@production}
       voice: {base: smol, from: runs/demo-text}
+      grounded: {base: smol, from: harbor-support@production, retrieve: policies@production}  # cites an index
     routes:                              # canary / A-B: a route is also a `model` name
       support-ab: {split: {support: 0.9, voice: 0.1}, sticky: user}
     tenants:                             # API keys come from the environment, never from the file
@@ -61,11 +62,17 @@ class AdapterEntry(Section):
 
     base: str = Field(description="The name of the base (under bases:) it adapts.")
     source: str = Field(alias="from", description="A run directory, or NAME@REF in the registry (followed live).")
+    retrieve: str | None = Field(
+        None, description="An index (directory, or NAME@ALIAS followed live) whose chunks ground every request."
+    )
 
 
 class RouteEntry(Section):
     split: dict[str, float] = Field(description="Target (adapter or base) -> weight; weights are normalised.")
     sticky: Literal["user"] | None = Field(None, description="user: one user always gets the same target.")
+    retrieve: str | None = Field(
+        None, description="An index (directory, or NAME@ALIAS) grounding the route's requests (over its targets')."
+    )
 
     @field_validator("split")
     @classmethod
@@ -154,7 +161,7 @@ def validate_serve_config(raw: dict[str, Any], source: str | None = None, plugin
     return config.model_copy(update={"base_configs": base_configs})
 
 
-ENTRY_KEYS = {"adapters": "base, from", "routes": "split, sticky", "tenants": "key_env, models"}
+ENTRY_KEYS = {"adapters": "base, from, retrieve", "routes": "split, sticky, retrieve", "tenants": "key_env, models"}
 
 
 def _entry_keys(line: str) -> str:
@@ -250,6 +257,10 @@ def _cross_problems(config: ServeConfig) -> list[str]:
         kinds = {config.modality_of(t) for t in route.split if t in config.adapters or t in config.bases}
         if len(kinds) > 1:
             problems.append(f"routes.{name}.split: its targets mix modalities ({', '.join(sorted(map(str, kinds)))})")
+    for section in ("adapters", "routes"):
+        for name, entry in getattr(config, section).items():
+            if entry.retrieve is not None and looks_like_ref(entry.retrieve) and config.registry is None:
+                problems.append(f"{section}.{name}.retrieve: {entry.retrieve!r} is a registry reference; set registry:")
     if not config.tenants:
         problems.append("tenants: give at least one tenant (each with key_env and models)")
     for name, tenant in config.tenants.items():

@@ -21,6 +21,7 @@ from .backend import AdapterVersion, BackendContext, BackendSpec, Job, ServingBa
 from .cache import AdapterCache
 from .errors import APIError, model_not_found
 from .metrics import ServeMetrics
+from .retrieval import ServedIndex, open_indexes
 from .routing import Decision, Route, Router
 from .scheduler import BatchScheduler
 
@@ -81,6 +82,8 @@ class Engine:
             on_decision=lambda d: self.metrics.route_decisions.labels(d.route, d.target).inc(),
         )
         self.follower: RegistryFollower | None = None
+        #: the index grounding each adapter or route with ``retrieve:``
+        self.indexes: dict[str, ServedIndex] = {}
         self.started = time.time()
         self._lock = threading.RLock()
 
@@ -112,6 +115,10 @@ class Engine:
                 )
             except ConfigError as exc:
                 problems.extend(exc.problems)
+        try:
+            engine.indexes = open_indexes(config)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
         if problems:
             raise ConfigError(problems)
         try:
@@ -193,6 +200,10 @@ class Engine:
                 f"(it serves: {', '.join(sorted(worker.spec.endpoints))}).", param="model", code="wrong_endpoint",
             )  # fmt: skip
         return Target(requested=model, served=served, worker=worker, adapter=adapter, decision=decision)
+
+    def index_for(self, target: Target) -> ServedIndex | None:
+        """The index grounding ``target``'s requests: its route's ``retrieve:``, else its adapter's (None: none)."""
+        return self.indexes.get(target.requested) or self.indexes.get(target.served)
 
     def submit(self, target: Target, spec: Any, on_event: Any = None) -> Job:
         job = Job(spec=spec, adapter=target.adapter, on_event=on_event)

@@ -22,7 +22,7 @@ image. Files are only read, never changed or deleted.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,11 +43,24 @@ LAYOUT = f"train/{METADATA} (imagefolder layout), optionally validation/{METADAT
 
 @dataclass(frozen=True)
 class ImageSample:
-    """One valid image with its caption (trigger already applied). ``key`` is its path relative to the dataset."""
+    """One valid image with its caption (trigger already applied). ``key`` is its path relative to the dataset;
+    ``metadata`` and ``line`` say where the caption was read."""
 
     path: Path
     caption: str
     key: str
+    metadata: str | None = None
+    line: int | None = None
+
+    # -- polyadapt.pii.TextFields: the caption is what ``data.pii`` scans and redacts (the pixels are not read) -----
+    def text_fields(self) -> dict[str, str]:
+        return {"caption": self.caption}
+
+    def with_text_fields(self, fields: dict[str, str]) -> ImageSample:
+        return replace(self, caption=fields.get("caption", self.caption))
+
+    def text_location(self) -> tuple[str, int | None]:
+        return self.metadata or self.key, self.line
 
 
 def apply_trigger(caption: str, trigger: str | None, position: str = "suffix") -> str:
@@ -137,7 +150,8 @@ def read_split(
             continue
         seen.add(key)
         files.append(target)
-        samples.append(ImageSample(target, apply_trigger(caption, trigger, settings.trigger_position), key))
+        caption = apply_trigger(caption, trigger, settings.trigger_position)
+        samples.append(ImageSample(target, caption, key, metadata=shown, line=number))
     return samples, problems, files
 
 

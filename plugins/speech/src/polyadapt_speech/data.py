@@ -20,7 +20,7 @@ from __future__ import annotations
 import csv
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,17 +42,29 @@ GLOSSARY_FILE = "glossary.txt"
 
 @dataclass
 class SpeechSample:
-    """One validated utterance: 16 kHz mono float32 ``audio``, its transcript and where it came from."""
+    """One validated utterance: 16 kHz mono float32 ``audio``, its transcript and where it came from (``file`` the
+    audio, ``metadata`` the metadata file whose ``line`` lists it)."""
 
     audio: np.ndarray
     text: str
     file: str
     line: int
     language: str | None = None
+    metadata: str | None = None
 
     @property
     def seconds(self) -> float:
         return len(self.audio) / SAMPLE_RATE
+
+    # -- polyadapt.pii.TextFields: the transcript is what ``data.pii`` scans and redacts (the audio is unchanged) ---
+    def text_fields(self) -> dict[str, str]:
+        return {"transcription": self.text}
+
+    def with_text_fields(self, fields: dict[str, str]) -> SpeechSample:
+        return replace(self, text=fields.get("transcription", self.text))
+
+    def text_location(self) -> tuple[str, int | None]:
+        return self.metadata or self.file, self.line
 
 
 class AudioReadError(Exception):
@@ -193,7 +205,9 @@ def load_split(
         if reason is not None:
             bad(line, f"{shown}: {reason}")
             continue
-        samples.append(SpeechSample(audio=audio, text=text, file=str(audio_path), line=line, language=language))
+        samples.append(
+            SpeechSample(audio=audio, text=text, file=str(audio_path), line=line, language=language, metadata=where)
+        )
     return samples, problems, files
 
 

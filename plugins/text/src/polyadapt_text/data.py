@@ -5,6 +5,7 @@ Formats, detected per file from the first record that is a JSON object (or force
     {"text": "..."}                                         continued pretraining
     {"prompt": "...", "completion": "..."}                  instruction tuning
     {"messages": [{"role": "user", "content": "..."}, ...]} chat, rendered with the tokenizer's chat template
+    {"prompt": ..., "chosen": ..., "rejected": ...}         preference pairs (:mod:`polyadapt_text.preference`)
 
 Every record may also carry ``"answer_contains": ["fact", ...]`` (for fact accuracy) and an ``"id"``.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,13 @@ from polyadapt.data import HELDOUT_SPLITS, Problem
 from polyadapt.data import read_jsonl as read_records
 from polyadapt.modality import DataFound
 
-FORMATS = ("text", "prompt_completion", "chat")
+FORMATS = ("text", "prompt_completion", "chat", "preference")
 ROLES = ("system", "user", "assistant")
 OPTIONAL_KEYS = ("answer_contains", "id")
-REQUIRED_KEYS = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "chat": ("messages",)}
+REQUIRED_KEYS = {
+    "text": ("text",), "prompt_completion": ("prompt", "completion"), "chat": ("messages",),
+    "preference": ("prompt", "chosen", "rejected"),
+}  # fmt: skip
 #: the file of each split in a dataset directory
 SPLIT_FILES = {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl"}
 #: what a dataset directory holds (the message when it holds none)
@@ -59,6 +63,34 @@ class TextSample:
             return f"{self.prompt}\n{self.completion}"
         return "\n".join(f"{role}: {content}" for role, content in self.messages)
 
+    # -- polyadapt.pii.TextFields: what ``data.pii`` scans and redacts --------------------------------------------
+    def text_fields(self) -> dict[str, str]:
+        """Every string of the record, by field name; ``answer_contains`` too, so a redacted answer still matches."""
+        if self.format == "text":
+            fields = {"text": self.text}
+        elif self.format == "prompt_completion":
+            fields = {"prompt": self.prompt, "completion": self.completion}
+        else:
+            fields = {f"messages[{i}].content": content for i, (_, content) in enumerate(self.messages)}
+        fields.update({f"answer_contains[{i}]": answer for i, answer in enumerate(self.answer_contains)})
+        return fields
+
+    def with_text_fields(self, fields: dict[str, str]) -> TextSample:
+        """A copy with the fields :meth:`text_fields` names replaced."""
+        changes: dict[str, Any] = {k: fields[k] for k in ("text", "prompt", "completion") if k in fields}
+        if self.messages:
+            changes["messages"] = tuple(
+                (role, fields.get(f"messages[{i}].content", content)) for i, (role, content) in enumerate(self.messages)
+            )
+        if self.answer_contains:
+            changes["answer_contains"] = tuple(
+                fields.get(f"answer_contains[{i}]", answer) for i, answer in enumerate(self.answer_contains)
+            )
+        return replace(self, **changes)
+
+    def text_location(self) -> tuple[str, int | None]:
+        return self.source, self.line
+
 
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 _SPACE = re.compile(r"\s+")
@@ -73,6 +105,8 @@ def detect_format(record: dict[str, Any]) -> str | None:
     """The format a record's keys indicate, or None."""
     if "messages" in record:
         return "chat"
+    if "chosen" in record or "rejected" in record:
+        return "preference"
     if "prompt" in record or "completion" in record:
         return "prompt_completion"
     if "text" in record:
@@ -86,6 +120,10 @@ def _nonempty_string(value: Any) -> bool:
 
 def parse_record(record: dict[str, Any], fmt: str, source: str, line: int) -> tuple[TextSample | None, str | None]:
     """Validate one JSON object against ``fmt``: the sample, or the reason it is bad."""
+    if fmt == "preference":
+        from .preference import parse_pair
+
+        return parse_pair(record, source, line)  # type: ignore[return-value]
     allowed = REQUIRED_KEYS[fmt] + OPTIONAL_KEYS
     missing = [k for k in REQUIRED_KEYS[fmt] if k not in record]
     if missing:
@@ -169,7 +207,7 @@ def read_jsonl(path: Path, fmt: str = "auto") -> tuple[list[TextSample], list[Pr
             problems.append(
                 Problem(
                     source,
-                    f"cannot tell the format from keys [{keys}]: expected text, prompt+completion or messages",
+                    f"cannot tell the format from keys [{keys}]: expected text, prompt+completion, messages or prompt+chosen+rejected",
                     number,
                 )
             )

@@ -31,6 +31,33 @@ def answer_table(before: EvalResult | None, after: EvalResult) -> list[tuple[str
     return [("Sample answers: base vs adapted", table)]
 
 
+def compliance_table(before: EvalResult | None, after: EvalResult) -> list[tuple[str, str]]:
+    """One section for preference runs: every held-out risky prompt, its rule, and the answers before and after
+    training, each marked as complying with the rule or not."""
+    previous = {e["prompt"]: e for e in (before.examples if before else [])}
+
+    def answer(example: dict | None) -> str:
+        if not example:
+            return "—"
+        mark = "complies" if example["complies"] else "does not comply"
+        return f"{html.escape(example['prediction'])}<br><em>{mark}</em>"
+
+    rows = []
+    for example in after.examples:
+        rule = "; ".join(
+            [*(["one of: " + ", ".join(example["require_any"])] if example["require_any"] else []),
+             *(["none of: " + ", ".join(example["forbid"])] if example["forbid"] else [])]
+        )  # fmt: skip
+        cells = [html.escape(example["prompt"]), html.escape(rule), answer(previous.get(example["prompt"])),
+                 answer(example)]  # fmt: skip
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    table = (
+        "<table><thead><tr><th>held-out prompt</th><th>rule</th><th>before</th><th>after</th></tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table>"
+    )
+    return [("Held-out risky prompts: before vs after", table)]
+
+
 def usage_snippet(run_dir: Path, base: str) -> str:
     """Markdown: loading the run's adapter with transformers and peft alone, onto the base as polyadapt loaded it
     (float32; a GGUF file dequantised)."""

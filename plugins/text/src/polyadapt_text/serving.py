@@ -51,6 +51,8 @@ class TextSpec:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    #: the retrieved chunks the prompt numbers [1]..[n] (a grounded request; see :mod:`polyadapt_text.grounding`)
+    excerpts: tuple[Any, ...] = ()
 
 
 @dataclass(eq=False)
@@ -100,9 +102,17 @@ class TextBackend(GenerationBackend):
 
     # -- requests (request threads) ----------------------------------------------------------------------------------
     def completion_spec(self, prompt: str, adapter: AdapterVersion | None, options: GenerationOptions) -> TextSpec:
+        kept: list[Any] = []
         with self.lock:
+            if options.excerpts:
+                from .grounding import fit_excerpts
+
+                prompt, kept = fit_excerpts(
+                    prompt, options.excerpts, lambda text: len(self.tokenizer(text)["input_ids"]),
+                    self._prompt_budget(adapter, options), self.tokenizer,
+                )  # fmt: skip
             ids = self.tokenizer(prompt)["input_ids"]
-        return self._spec(ids, adapter, options, "prompt")
+        return self._spec(ids, adapter, options, "prompt", kept)
 
     def chat_spec(
         self, messages: list[tuple[str, str]], adapter: AdapterVersion | None, options: GenerationOptions
@@ -113,21 +123,53 @@ class TextBackend(GenerationBackend):
         template = _template(settings.chat_template) or self.tokenizer.chat_template
         if not template:
             raise RequestProblem("this model has no chat template; use /v1/completions", param="messages")
-        with self.lock:
+        def render(asked: list[tuple[str, str]]) -> list[int]:
             text = self.tokenizer.apply_chat_template(
-                chat_messages(messages, settings.system_prompt), tokenize=False, add_generation_prompt=True,
+                chat_messages(asked, settings.system_prompt), tokenize=False, add_generation_prompt=True,
                 chat_template=template,
             )  # fmt: skip
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self._spec(ids, adapter, options, "messages")
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+        kept: list[Any] = []
+        with self.lock:
+            turn = next((i for i in range(len(messages) - 1, -1, -1) if messages[i][0] == "user"), None)
+            if options.excerpts and turn is not None:
+                from .grounding import fit_excerpts
+
+                def grounded(message: str) -> list[tuple[str, str]]:
+                    return [*messages[:turn], ("user", message), *messages[turn + 1 :]]
+
+                message, kept = fit_excerpts(
+                    messages[turn][1], options.excerpts, lambda m: len(render(grounded(m))),
+                    self._prompt_budget(adapter, options), self.tokenizer,
+                )  # fmt: skip
+                messages = grounded(message)
+            ids = render(messages)
+        return self._spec(ids, adapter, options, "messages", kept)
+
+    def sources(self, spec: TextSpec, text: str) -> tuple[str, list[dict[str, Any]]]:
+        """The answer with ``Sources:`` and a ``[n] citation`` line per excerpt after it, and the excerpts as dicts
+        (each marked ``cited`` when the answer cites its number)."""
+        from .grounding import format_sources, sources_of
+
+        if not spec.excerpts:
+            return text, []
+        found = sources_of(text, spec.excerpts)
+        return text.rstrip() + "\n\n" + "\n".join(format_sources(found)), [s.as_dict() for s in found]
+
+    def _prompt_budget(self, adapter: AdapterVersion | None, options: GenerationOptions) -> int:
+        """Tokens a grounded prompt may take: the context less what the completion may add."""
+        return self.context_length - (options.max_tokens or min(self.settings_of(adapter).max_new_tokens,
+                                                                 self.limits.max_tokens))  # fmt: skip
 
     def settings_of(self, adapter: AdapterVersion | None) -> Any:
         """The ``text:`` settings that decide how a request is asked: the adapter's run's, else the base entry's."""
         return adapter.settings if adapter is not None else self.context.config.settings
 
     def _spec(
-        self, ids: list[int], adapter: AdapterVersion | None, options: GenerationOptions, param: str
-    ) -> TextSpec:
+        self, ids: list[int], adapter: AdapterVersion | None, options: GenerationOptions, param: str,
+        excerpts: Sequence[Any] = (),
+    ) -> TextSpec:  # fmt: skip
         limit = options.max_tokens or min(self.settings_of(adapter).max_new_tokens, self.limits.max_tokens)
         if not ids:
             raise RequestProblem("the prompt is empty (no tokens)", param=param)
@@ -139,7 +181,7 @@ class TextBackend(GenerationBackend):
             )  # fmt: skip
         return TextSpec(
             prompt_ids=list(ids), max_tokens=limit, temperature=options.temperature, top_p=options.top_p,
-            seed=options.seed, stop=tuple(options.stop),
+            seed=options.seed, stop=tuple(options.stop), excerpts=tuple(excerpts),
         )  # fmt: skip
 
     # -- adapters ----------------------------------------------------------------------------------------------------
