@@ -5,8 +5,15 @@ tests talk to with the official ``openai`` client. The server stops at the end o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,3 +237,35 @@ def copy_clip(directory: Path, name: str = "clip.wav") -> Path:
 
     directory.mkdir(parents=True, exist_ok=True)
     return Path(shutil.copy(SAMPLES / "test" / "test_000.wav", directory / name))
+
+
+@contextlib.contextmanager
+def serve_process(arguments: list[str], log: Path, env: dict[str, str] | None = None,
+                  timeout: float = 180) -> Iterator[subprocess.Popen]:  # fmt: skip
+    """``python -m polyadapt serve ARGUMENTS`` (which must include ``--port``) as a user runs it, output in ``log``:
+    yields the process once ``/health`` answers 200, and stops it with SIGINT on leaving (killed after 60 s);
+    the caller checks ``returncode``."""
+    port = arguments[arguments.index("--port") + 1]
+    with log.open("w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "polyadapt", "serve", *arguments],
+                                   env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as response:
+                        if response.status == 200:
+                            break
+                except OSError:
+                    pass
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"polyadapt serve did not start:\n{log.read_text()}")
+                time.sleep(0.5)
+            yield process
+        finally:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=30)

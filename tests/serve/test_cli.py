@@ -3,18 +3,12 @@ server process starts, answers and stops."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
-
 import pytest
 import yaml
 from click.testing import CliRunner
 
 from polyadapt.cli import cli
+from tests.serve.conftest import serve_process
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -50,30 +44,10 @@ def test_polyadapt_serve_runs_a_real_server_that_answers_and_stops(tiny_world, t
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
     port = free_port()
-    env = {**os.environ, "CLI_TEST_KEY": "cli-key"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "polyadapt", "serve", str(path), "--port", str(port), "--log-level", "warning"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
-                    assert response.status == 200
-                    break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"the server did not start:\n{process.stdout.read()}") from None
-                time.sleep(0.5)
+    log = tmp_path / "serve.log"
+    with serve_process([str(path), "--port", str(port), "--log-level", "warning"], log,
+                       env={"CLI_TEST_KEY": "cli-key"}) as process:  # fmt: skip
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="cli-key", max_retries=0, timeout=60)
         reply = client.chat.completions.create(model="a0", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
         assert reply.choices[0].message.role == "assistant"
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=30)
-    assert process.returncode == 0, process.stdout.read()
+    assert process.returncode == 0, log.read_text()

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.serve.conftest import KEYS, TEXT_ADAPTERS, serve_config
+from tests.serve.conftest import KEYS, TEXT_ADAPTERS, serve_config, serve_process
 
 pytest.importorskip("ray.serve")
 
@@ -45,12 +45,6 @@ def test_a_route_names_its_adapters(tiny_world):
 def ray_server(tiny_world, tmp_path_factory):
     """``polyadapt serve CONFIG --ray`` in a subprocess, as a user runs it: Ray stays out of the test process (a
     Ray driver shut down inside pytest ends the process at the next touch of its handles). SIGINT stops it."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import urllib.request
-
     import yaml
 
     from polyadapt.serve.server import free_port
@@ -63,34 +57,10 @@ def ray_server(tiny_world, tmp_path_factory):
     path = root / "serve.yaml"
     path.write_text(yaml.safe_dump(raw))
     port = free_port()
-    log = (root / "serve.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "polyadapt", "serve", str(path), "--ray", "--replicas", "2", "--cpus-per-replica",
-         "0.5", "--port", str(port), "--log-level", "warning"],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=10) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"polyadapt serve --ray did not start:\n{(root / 'serve.log').read_text()}")
-            time.sleep(1)
-        yield url
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=30)
-        log.close()
+    arguments = [str(path), "--ray", "--replicas", "2", "--cpus-per-replica", "0.5", "--port", str(port),
+                 "--log-level", "warning"]  # fmt: skip
+    with serve_process(arguments, root / "serve.log", env={"OMP_NUM_THREADS": "1"}, timeout=300) as process:
+        yield f"http://127.0.0.1:{port}"
     assert process.returncode == 0, (root / "serve.log").read_text()
 
 
