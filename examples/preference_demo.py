@@ -5,7 +5,8 @@ base), after SFT and after DPO, and the forgetting check on the general set.
 
 The DPO run continues the SFT adapter (``peft.init_from``), which is also its frozen reference; its manifest records
 the SFT run as its parent. Run from the repository root: ``python examples/preference_demo.py`` (CPU: tens of minutes;
-``--dpo-epochs`` and ``--sft-steps`` shorten it). Both run directories are replaced on every run.
+``--dpo-epochs`` and ``--sft-steps`` shorten it). Both run directories are replaced on every run
+(``--sft-run DIR`` continues a finished SFT run instead, such as ``runs/demo-text`` from ``make demo``).
 """
 
 from __future__ import annotations
@@ -60,13 +61,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--output", type=Path, default=ROOT / "runs" / "preference-demo")
     parser.add_argument("--sft-steps", type=int, default=None, help="SFT optimizer steps (default: the text rule's)")
     parser.add_argument("--dpo-epochs", type=float, default=2.0, help="passes over the 282 training pairs")
+    parser.add_argument("--sft-run", type=Path, default=None, help="a finished SFT run to continue (skips SFT)")
     options = parser.parse_args(argv)
     os.chdir(ROOT)
-    sft_dir, dpo_dir = options.output / "sft", options.output / "dpo"
+    sft_dir, dpo_dir = options.sft_run or options.output / "sft", options.output / "dpo"
 
-    print("== SFT on sample_data/text (chat)", flush=True)
-    overrides = [f"output={sft_dir}"] + ([f"train.max_steps={options.sft_steps}"] if options.sft_steps else [])
-    polyadapt.adapt(load_config(ROOT / "examples" / "text.yaml", overrides), overwrite=True)
+    if options.sft_run is None:
+        print("== SFT on sample_data/text (chat)", flush=True)
+        overrides = [f"output={sft_dir}"] + ([f"train.max_steps={options.sft_steps}"] if options.sft_steps else [])
+        polyadapt.adapt(load_config(ROOT / "examples" / "text.yaml", overrides), overwrite=True)
+    else:
+        print(f"== continuing the SFT run {sft_dir}", flush=True)
 
     print("== DPO on sample_data/text/preference, continuing the SFT adapter", flush=True)
     raw = dpo_config(sft_dir, dpo_dir, options.dpo_epochs)

@@ -38,6 +38,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--output", type=Path, default=ROOT / "runs" / "retrieval-demo", help="Where indexes and runs go."
     )
     parser.add_argument("--reuse", action="store_true", help="Reuse the runs and indexes already in --output.")
+    parser.add_argument(
+        "--adapter", type=Path, default=None,
+        help="A finished four-key run on sample_data/text to use as the plain adapter (such as runs/demo-text).",
+    )  # fmt: skip
     parser.add_argument("--max-steps", type=int, default=None, help="Cap the training steps (default: the text rule).")
     parser.add_argument("--top-k", type=int, default=3, help="Chunks retrieved per question.")
     parser.add_argument("--max-length", type=int, default=768, help="text.max_length of the retrieval-trained run.")
@@ -136,7 +140,10 @@ def main(argv: list[str]) -> int:
     args.output.mkdir(parents=True, exist_ok=True)
     try:
         indexes = build_indexes(args)
-        plain = adapt(args, "adapter", {})
+        if args.adapter is not None and not _finished(args.adapter):
+            print(f"error: --adapter {args.adapter}: not a finished run directory", file=sys.stderr)
+            return 2
+        plain = args.adapter or adapt(args, "adapter", {})
         retrieval = {"index": str(indexes["v1"]), "top_k": args.top_k, "distractors": args.top_k - 1,
                      "drop_golden": 0.2}  # fmt: skip
         trained = adapt(args, "retrieval-adapter", {"max_length": args.max_length, "retrieval": retrieval})
