@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,3 +195,32 @@ def test_the_run_sees_the_model_being_trained_after_each_periodic_evaluation(toy
     # at steps 2 and 4; the last step's evaluation is the final one, not a periodic one
     assert calls == [(2, ["eval_loss"], True, True, False), (4, ["eval_loss"], True, True, False)]
     assert read_manifest(run_dir).status == "complete"
+
+
+def test_train_loop_called_directly_without_periodic_evaluation_needs_no_early_stopping_keys(toy_config, tmp_path):
+    # The library use the benchmarks make of the loop: explicit length, lr and warmup, eval_every null, and the
+    # early-stopping keys left at their `auto` default, which mean "none" when nothing is evaluated periodically.
+    from polyadapt.config import ResolvedBase, load_config
+    from polyadapt.lifecycle import make_accelerator
+    from polyadapt.modality import DataContext, RunContext
+    from polyadapt.plugins import get_plugin_manager
+    from polyadapt.training import train_loop
+
+    config = load_config(toy_config(train={"max_steps": 5, "warmup_steps": 0, "eval_every": None}))
+    assert config.train.early_stopping_patience == "auto" and config.train.early_stopping_metric == "auto"
+    accelerator = make_accelerator(config, tmp_path)
+    ctx = RunContext(
+        config=config, base=ResolvedBase(reference=str(config.base), path=Path(config.base)), device=accelerator.device,
+        dtype=torch.float32, run_dir=tmp_path,
+    )  # fmt: skip
+    run = get_plugin_manager().get_modality("toy").open(ctx)
+    run.load_base()
+    run.model.requires_grad_(False)
+    run.add_adapter()
+    found = run.modality.read_data(DataContext(config=config, path=config.data.path))
+    prepared = run.prepare(found.splits["train"], training=True)
+    result = train_loop(accelerator=accelerator, run=run, train_split=prepared, eval_split=None, run_dir=tmp_path,
+                        show_progress=False)  # fmt: skip
+    assert result.state.step == 5 and result.state.best_step is None and not result.state.stopped_early
+    losses = [r["loss"] for r in read_history(tmp_path) if "loss" in r]
+    assert len(losses) == 5 and all(math.isfinite(v) for v in losses)

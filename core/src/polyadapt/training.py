@@ -211,7 +211,9 @@ def train_loop(
 
     ctx = run.ctx
     cfg = ctx.config.train
-    unresolved = [k for k in cfg.auto_keys if k != "length"]
+    # without periodic evaluation there is nothing to stop on: early stopping left `auto` means none
+    periodic = cfg.eval_every is not None
+    unresolved = [k for k in cfg.auto_keys if k != "length" and (periodic or not k.startswith("early_stopping"))]
     if unresolved:
         raise ConfigError(
             f"train: {', '.join(unresolved)} still 'auto' (polyadapt.defaults.resolve_training chooses them first)"
@@ -245,7 +247,7 @@ def train_loop(
     if is_main:
         _write_metrics(metrics_path, history)
 
-    stop_metric = cfg.early_stopping_metric
+    stop_metric = cfg.early_stopping_metric if periodic else "eval_loss"
     higher_better = False if stop_metric == "eval_loss" else run.modality.higher_is_better(stop_metric)
     best_path = run_dir / "checkpoints" / BEST_FILE
 
