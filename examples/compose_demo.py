@@ -2,6 +2,7 @@
 
     python examples/compose_demo.py text     # Harbor Bank facts: cards and accounts / payments and service
     python examples/compose_demo.py speech   # Harbor Bank calls: two sets of product names
+    python examples/compose_demo.py text --no-general   # without the forgetting check (no general-data answers)
 
 Each half is written under ``runs/compose-demo/<modality>/`` (the facts or product names of one half only, in train
 and held-out alike), each parent is a four-key run (modality, base, data, output: the defaults choose the training)
@@ -76,9 +77,11 @@ def main(argv: list[str]) -> int:
     from polyadapt.compose import compose, format_table
     from polyadapt.config import validate_config
 
-    modality = argv[0] if argv else "text"
-    if modality not in BASES:
-        print(f"usage: compose_demo.py {{{'|'.join(BASES)}}}", file=sys.stderr)
+    no_general = "--no-general" in argv
+    positional = [a for a in argv if a != "--no-general"]
+    modality = positional[0] if positional else "text"
+    if modality not in BASES or len(positional) > 1:
+        print(f"usage: compose_demo.py {{{'|'.join(BASES)}}} [--no-general]", file=sys.stderr)
         return 2
     os.chdir(ROOT)
     work = Path("runs/compose-demo") / modality
@@ -89,7 +92,7 @@ def main(argv: list[str]) -> int:
     for half in halves:
         config = validate_config({
             "modality": modality, "base": BASES[modality], "data": str(half), "output": str(work / f"run-{half.name[-1]}"),
-            "eval": {"general_data": str(source / "general")},
+            "eval": {"general_data": None if no_general else str(source / "general")},
         })  # fmt: skip
         print(f"== adapting {config.output} on {half}", flush=True)
         runs.append(polyadapt.adapt(config))

@@ -49,6 +49,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--shown", type=int, default=3, help="Changed-fact answers printed side by side.")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="text.max_new_tokens (default: the rule's).")
     parser.add_argument("--max-samples", type=int, default=None, help="Held-out samples scored (default: all).")
+    parser.add_argument(
+        "--no-general", action="store_true", help="Skip the forgetting check on sample_data/text/general in training."
+    )
     return parser.parse_args(argv)
 
 
@@ -86,6 +89,8 @@ def adapt(args: argparse.Namespace, name: str, text: dict[str, Any]) -> Path:
         raw["text"] = {**text, "max_new_tokens": args.max_new_tokens}
     if args.max_samples is not None:
         raw["eval"] = {"max_samples": args.max_samples, "general_data": None}
+    elif args.no_general:
+        raw["eval"] = {"general_data": None}
     print(f"== adapting {name}", flush=True)
     return polyadapt.adapt(validate_config(raw), overwrite=True)
 
