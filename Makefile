@@ -32,7 +32,8 @@ test-all: $(STAMP)
 	$(VENV)/bin/pytest -q -m "slow or heavy or not slow" -o timeout=3600
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check core plugins tests benchmarks
+	$(VENV)/bin/ruff check core plugins tests benchmarks examples
+	$(VENV)/bin/ruff format --check core plugins tests benchmarks examples
 
 demo: $(STAMP)
 	$(PY) examples/demo.py

@@ -134,8 +134,12 @@ def main() -> None:
     print(f"registry: {reg.location} ({args.runs} runs of {size:.1f} MiB each)")
     print(f"{'measure':<34} {'registry':>12} {'reference':>12} {'ratio':>8}")
     print(f"{'push vs copy (s)':<34} {median(push):>12.4f} {median(copy):>12.4f} {median(push) / median(copy):>8.2f}")
-    print(f"{'pull vs copytree (s)':<34} {median(pull):>12.4f} {median(copytree):>12.4f} {median(pull) / median(copytree):>8.2f}")
-    print(f"{'resolve @alias, 10,000 vs 100 (ms)':<34} {at_10k * 1e3:>12.3f} {at_100 * 1e3:>12.3f} {at_10k / at_100:>8.2f}")
+    print(
+        f"{'pull vs copytree (s)':<34} {median(pull):>12.4f} {median(copytree):>12.4f} {median(pull) / median(copytree):>8.2f}"
+    )
+    print(
+        f"{'resolve @alias, 10,000 vs 100 (ms)':<34} {at_10k * 1e3:>12.3f} {at_100 * 1e3:>12.3f} {at_10k / at_100:>8.2f}"
+    )
 
 
 if __name__ == "__main__":

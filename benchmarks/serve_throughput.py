@@ -164,7 +164,9 @@ def run_engine(args: dict) -> dict:
     finally:
         engine.close()
     return {
-        "seconds": seconds, "latencies": latencies, "tokens": sum(r.completion_tokens for r in results),
+        "seconds": seconds,
+        "latencies": latencies,
+        "tokens": sum(r.completion_tokens for r in results),
         "answers": [r.text for r in results],
     }
 

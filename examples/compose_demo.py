@@ -105,7 +105,9 @@ def main(argv: list[str]) -> int:
         verdict = "ok" if kept is not None and kept >= KEEP else "BELOW"
         ok &= verdict == "ok"
         shown = "-" if kept is None else f"{kept:.0%}"
-        print(f"{row['set']}: the composition keeps {shown} of the parent's {row['metric']} gain ({verdict}, needs {KEEP:.0%})")
+        print(
+            f"{row['set']}: the composition keeps {shown} of the parent's {row['metric']} gain ({verdict}, needs {KEEP:.0%})"
+        )
     return 0 if ok else 1
 
 

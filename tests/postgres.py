@@ -69,7 +69,9 @@ def new_database(server_url: str) -> str:
     import sqlalchemy as sa
 
     name = f"t_{uuid.uuid4().hex[:12]}"
-    engine = sa.create_engine(server_url.replace("postgresql://", "postgresql+psycopg://"), isolation_level="AUTOCOMMIT")
+    engine = sa.create_engine(
+        server_url.replace("postgresql://", "postgresql+psycopg://"), isolation_level="AUTOCOMMIT"
+    )
     with engine.connect() as conn:
         conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
     engine.dispose()

@@ -77,7 +77,9 @@ def test_svd_at_full_rank_equals_cat_and_below_it_loses_exactly_the_discarded_si
         assert torch.allclose(full.layers[key].delta(), exact, atol=1e-5)
         singular = torch.linalg.svdvals(exact.double())
         discarded = float(singular[2:].square().sum().sqrt())
-        assert float(torch.linalg.norm((low.layers[key].delta() - exact).double())) == pytest.approx(discarded, rel=1e-4, abs=1e-7)
+        assert float(torch.linalg.norm((low.layers[key].delta() - exact).double())) == pytest.approx(
+            discarded, rel=1e-4, abs=1e-7
+        )
         assert low.errors[key] == pytest.approx(discarded / float(singular.square().sum().sqrt()), rel=1e-4, abs=1e-7)
         assert low.layers[key].rank == 2
 
@@ -161,11 +163,16 @@ def test_the_composition_is_judged_on_each_parent_s_data_and_is_an_ordinary_run(
     manifest = json.loads((tmp_path / "ab" / "polyadapt.json").read_text())
     assert manifest["status"] == "complete" and manifest["composition"]["method"] == "cat"
     assert [p["reference"] for p in manifest["parents"]] == [str(a), str(b)]
-    assert manifest["parents"][1]["data"]["fingerprint"] == json.loads((b / "polyadapt.json").read_text())["data"]["fingerprint"]["sha256"]
+    assert (
+        manifest["parents"][1]["data"]["fingerprint"]
+        == json.loads((b / "polyadapt.json").read_text())["data"]["fingerprint"]["sha256"]
+    )
     assert manifest["metrics"]["general_after"] and len(manifest["evaluations"]) == 2
     # an ordinary run: evaluate, infer, export, the registry
     assert polyadapt.evaluate(tmp_path / "ab")["metrics"]
-    assert CliRunner().invoke(polyadapt.cli.cli, ["infer", str(tmp_path / "ab"), "--x", "0.1,0.2,0.3,0.4"]).exit_code == 0
+    assert (
+        CliRunner().invoke(polyadapt.cli.cli, ["infer", str(tmp_path / "ab"), "--x", "0.1,0.2,0.3,0.4"]).exit_code == 0
+    )
     from polyadapt import registry
     from polyadapt.export import export_run
 

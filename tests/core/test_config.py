@@ -166,7 +166,10 @@ def test_hub_ids_and_local_paths_resolve(tmp_path):
             "train.early_stopping_metric: 'maee' is not a metric the toy modality reports "
             "(valid: eval_loss, mae, max_abs_error)",
         ),
-        (["train.early_stopping_patience=2", "train.eval_every=null"], "train: early_stopping_patience needs eval_every"),
+        (
+            ["train.early_stopping_patience=2", "train.eval_every=null"],
+            "train: early_stopping_patience needs eval_every",
+        ),
         (["peft.method=dora", "toy.hidden=2"], "toy.hidden: dora needs at least 4 hidden units"),
         (["train.num_workers=2"], "train.num_workers: unknown key"),
     ],

@@ -115,7 +115,9 @@ def test_updates_are_clipped_to_the_norm_and_noised_at_sigma_times_clip():
     assert abs(float(zeros["a"].mean())) < 0.05
 
 
-@pytest.mark.parametrize(("sigma", "rounds", "delta"), [(1.0, 1, 1e-5), (2.0, 10, 1e-5), (0.8, 3, 1e-6), (5.0, 50, 1e-5)])
+@pytest.mark.parametrize(
+    ("sigma", "rounds", "delta"), [(1.0, 1, 1e-5), (2.0, 10, 1e-5), (0.8, 3, 1e-6), (5.0, 50, 1e-5)]
+)
 def test_epsilon_is_the_rdp_conversion_of_composed_gaussian_releases(sigma, rounds, delta):
     # rdp(alpha) = T alpha / (2 sigma^2); min over alpha of rdp + log(1/delta)/(alpha-1) is a + 2 sqrt(a L) at
     # alpha* = 1 + sqrt(L / a), with a = T / (2 sigma^2), L = log(1/delta)

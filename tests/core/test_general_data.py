@@ -34,7 +34,9 @@ def _config(tmp_path, general="unset") -> AdaptConfig:
         (True, "elsewhere", "elsewhere", False),  # an explicit path wins
     ],
 )
-def test_auto_takes_the_general_subdirectory_and_explicit_values_win(tmp_path, has_general, setting, expected, recorded):
+def test_auto_takes_the_general_subdirectory_and_explicit_values_win(
+    tmp_path, has_general, setting, expected, recorded
+):
     (tmp_path / "elsewhere").mkdir()
     if has_general:
         (tmp_path / "data" / "general").mkdir(parents=True)

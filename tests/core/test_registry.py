@@ -220,7 +220,9 @@ def test_a_refused_promotion_lists_every_failed_condition_and_exits_2(make_run, 
     code, out = cli("registry", "promote", "support@v1", "production", registry_at=at)
     assert code == 2 and "promotion of support@v1 to @production refused" in out
     assert "forgetting:eval_loss" in out and "forgetting:mae" in out and "% worse; budget 5.0%" in out
-    code, out = cli("registry", "promote", "support@v1", "production", "--force", "--reason", "accepted", registry_at=at)
+    code, out = cli(
+        "registry", "promote", "support@v1", "production", "--force", "--reason", "accepted", registry_at=at
+    )
     assert code == 0 and "[FAIL] forgetting:mae" in out and "support@production: nothing -> v1 (forced)" in out
     code, out = cli("registry", "history", "support", "--json", registry_at=at)
     (event,) = json.loads(out)
@@ -370,7 +372,10 @@ def test_concurrent_pushers_in_separate_processes_each_get_their_own_version(bac
     pushers = [
         subprocess.Popen(
             [sys.executable, "-m", "polyadapt", "registry", "push", str(run), "--name", "support", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_cli_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_cli_env(),
         )  # fmt: skip
         for run in runs
     ]

@@ -118,7 +118,9 @@ def test_the_declared_capabilities_are_implemented():
 def test_configs_the_modality_cannot_run_are_refused_at_validation(make_config, sections, refused):
     from polyadapt.config import load_config
 
-    sections = {k: {**v, "eval_every": 2, "early_stopping_patience": 2} if k == "train" else v for k, v in sections.items()}
+    sections = {
+        k: {**v, "eval_every": 2, "early_stopping_patience": 2} if k == "train" else v for k, v in sections.items()
+    }
     if refused is None:
         load_config(make_config(**sections))
         return

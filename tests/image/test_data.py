@@ -157,7 +157,13 @@ def test_doctor_lists_bad_files_and_exits_2(make_config, dataset):
 
 @pytest.mark.parametrize(
     ("mode", "size", "center"),
-    [("RGB", (40, 20), True), ("RGBA", (20, 40), False), ("L", (16, 16), True), ("P", (33, 17), True), ("I;16", (18, 30), True)],
+    [
+        ("RGB", (40, 20), True),
+        ("RGBA", (20, 40), False),
+        ("L", (16, 16), True),
+        ("P", (33, 17), True),
+        ("I;16", (18, 30), True),
+    ],
 )
 def test_any_mode_and_size_becomes_rgb_square(tmp_path, mode, size, center):
     import random

@@ -49,9 +49,11 @@ def test_the_distance_is_zero_between_equal_images_and_grows_with_the_change():
 def test_base_output_distance_is_zero_for_the_base_and_positive_for_an_adapter(make_config, dataset, tmp_path):
     lora = trained_looking_lora(make_config, tmp_path / "lora", seed=3)
     config = make_config()
-    general = ImageModality().load_data(
-        DataContext(config=load_config(config), path=_general(dataset), general=True)
-    ).validation
+    general = (
+        ImageModality()
+        .load_data(DataContext(config=load_config(config), path=_general(dataset), general=True))
+        .validation
+    )
     base_run, _ = open_run(config)
     with evaluating(base_run):
         before = base_run.evaluate_general(general, None)

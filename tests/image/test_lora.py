@@ -85,7 +85,9 @@ def test_plain_diffusers_loads_the_lora_with_every_key_and_output_changes(run_di
     pipe = diffusers_pipeline(tiny_base)
     before = render(pipe)
     pipe.load_lora_weights(str(run_dir))
-    loaded = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet, adapter_name=pipe.get_active_adapters()[0]))
+    loaded = convert_state_dict_to_diffusers(
+        get_peft_model_state_dict(pipe.unet, adapter_name=pipe.get_active_adapters()[0])
+    )
     loaded = {f"unet.{k}": v for k, v in loaded.items()}
     assert set(loaded) == set(saved), "no missing or unexpected keys"
     for key, value in saved.items():
@@ -153,7 +155,21 @@ def test_infer_writes_pngs_scales_and_combines_adapters(run_dir, tmp_path):
 
     def infer(*extra: str) -> list[np.ndarray]:
         out = tmp_path / f"out-{len(list(tmp_path.iterdir()))}"
-        args = ["infer", str(run_dir), "--prompt", PROMPT, "--n", "2", "--seed", "3", "--out", str(out), "--steps", "3", *extra]
+        args = [
+            "infer",
+            str(run_dir),
+            "--prompt",
+            PROMPT,
+            "--n",
+            "2",
+            "--seed",
+            "3",
+            "--out",
+            str(out),
+            "--steps",
+            "3",
+            *extra,
+        ]
         result = CliRunner().invoke(cli, args, catch_exceptions=False)
         assert result.exit_code == 0, result.output
         files = sorted(out.glob("*.png"))

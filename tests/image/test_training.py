@@ -177,7 +177,9 @@ def test_text_encoder_lora_trains_and_reloads_with_the_same_outputs(make_config,
     ours, back = text_encoder_part(tensors), text_encoder_part(converted)
     assert ours.keys() == back.keys() and ours
     assert all(torch.equal(ours[k], back[k]) for k in ours)
-    assert {v for k, v in alphas.items() if k.startswith("text_encoder.")} == {float(configs["text_encoder"]["lora_alpha"])}
+    assert {v for k, v in alphas.items() if k.startswith("text_encoder.")} == {
+        float(configs["text_encoder"]["lora_alpha"])
+    }
     if transformers_peft_usable():  # plain diffusers loads the text-encoder part itself only with a recent peft
         from diffusers import StableDiffusionPipeline
 
@@ -214,7 +216,10 @@ def test_gradient_checkpointing_recomputes_activations_with_the_same_gradients(m
 
             return hook
 
-        for part, module, leaf in (("denoiser", run.denoiser, "to_q"), ("text_encoder", run.text_encoders[0], "q_proj")):
+        for part, module, leaf in (
+            ("denoiser", run.denoiser, "to_q"),
+            ("text_encoder", run.text_encoders[0], "q_proj"),
+        ):
             for name, layer in module.named_modules():
                 if name.endswith(leaf):
                     layer.register_forward_hook(count(part))

@@ -75,7 +75,9 @@ def test_keys_are_required_and_other_tenants_models_look_missing(server):
         other.completions.create(model="a0", prompt="x", max_tokens=2)
     with pytest.raises(openai.NotFoundError) as missing:
         other.completions.create(model="no-such-model", prompt="x", max_tokens=2)
-    assert hidden.value.body["message"].replace("a0", "M") == missing.value.body["message"].replace("no-such-model", "M")
+    assert hidden.value.body["message"].replace("a0", "M") == missing.value.body["message"].replace(
+        "no-such-model", "M"
+    )
     assert hidden.value.body["code"] == "model_not_found"
     assert other.completions.create(model="a1", prompt="x", max_tokens=2, temperature=0).choices
     still_serving(server)
@@ -157,7 +159,7 @@ def test_health_and_metrics(server):
         'polyadapt_requests_total{endpoint="/v1/completions",status="200"}',
         'polyadapt_errors_total{endpoint="/v1/completions"',
         'polyadapt_request_seconds_bucket{endpoint="/v1/completions"',
-        "polyadapt_completion_tokens_total{adapter=\"a2@run:",
+        'polyadapt_completion_tokens_total{adapter="a2@run:',
         'polyadapt_batch_rows_count{base="tiny"}',
         'polyadapt_loaded_adapters{base="tiny"}',
         'polyadapt_adapter_version{adapter="support"} 1.0',

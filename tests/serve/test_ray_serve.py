@@ -25,7 +25,7 @@ def test_the_model_id_is_read_from_json_and_from_forms():
     boundary = "XyZ"
     body = (
         f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
-        f'Content-Type: audio/wav\r\n\r\nmodel=fake\r\n'
+        f"Content-Type: audio/wav\r\n\r\nmodel=fake\r\n"
         f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\ncalls\r\n--{boundary}--\r\n'
     ).encode()
     assert model_id_of(f"multipart/form-data; boundary={boundary}", body) == "calls"
@@ -107,9 +107,15 @@ def test_streaming_passes_through_the_gateway(ray_server):
     ))  # fmt: skip
     assert chunks and chunks[-1].choices[0].finish_reason in ("stop", "length")
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
-    assert streamed == client(ray_server).chat.completions.create(
-        model="a3", messages=[{"role": "user", "content": "hello"}], max_tokens=4, temperature=0
-    ).choices[0].message.content
+    assert (
+        streamed
+        == client(ray_server)
+        .chat.completions.create(
+            model="a3", messages=[{"role": "user", "content": "hello"}], max_tokens=4, temperature=0
+        )
+        .choices[0]
+        .message.content
+    )
 
 
 def test_an_upload_is_routed_by_its_form_field(ray_server, server, tmp_path):

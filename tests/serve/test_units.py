@@ -29,7 +29,10 @@ def test_config_reports_every_problem_at_once(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     raw = {
-        "bases": {"smol": {"modality": "text", "base": "x", "colour": 1}, "bad name": {"modality": "nope", "base": "y"}},
+        "bases": {
+            "smol": {"modality": "text", "base": "x", "colour": 1},
+            "bad name": {"modality": "nope", "base": "y"},
+        },
         "adapters": {
             "a": {"base": "missing", "from": str(tmp_path / "gone")},
             "b": {"base": "smol", "from": "harbor@production"},

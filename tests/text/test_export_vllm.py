@@ -38,7 +38,9 @@ def test_the_adapter_and_the_serve_command_are_what_vllm_loads(tiny_llama, tmp_p
     assert set(config["target_modules"]) >= {"q_proj", "v_proj"}
     with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as handle:
         keys = list(handle.keys())
-    assert keys and all(k.startswith("base_model.model.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+    assert keys and all(
+        k.startswith("base_model.model.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys
+    )
     assert (adapter / "adapter_model.safetensors").read_bytes() == (run / "adapter_model.safetensors").read_bytes()
     command = (tmp_path / "vllm" / "serve.sh").read_text().splitlines()[-1]
     words = shlex.split(command.replace('$(dirname "$0")', "DIR"))

@@ -283,7 +283,9 @@ def compose(
         list(adapters), output, weights=parsed, method=method, rank=rank, density=density, seed=seed,
         evaluate=not no_eval, overwrite=overwrite, registry=registry_url, max_samples=max_samples,
     )  # fmt: skip
-    click.echo(f"{result['output']}: {method} of {len(adapters)} adapters, rank {result['rank']}, weights {result['weights']}")
+    click.echo(
+        f"{result['output']}: {method} of {len(adapters)} adapters, rank {result['rank']}, weights {result['weights']}"
+    )
     if result["max_relative_error"]:
         click.echo(f"largest relative truncation error of a layer: {result['max_relative_error']:.3g}")
     if result["table"]:

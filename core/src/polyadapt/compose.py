@@ -92,7 +92,11 @@ def compose_layers(
 
 def _check_shapes(parents: list[LoraAdapter], keys: list[str]) -> None:
     for key in keys:
-        shapes = {(p.source, (int(p.layers[key].B.shape[0]), int(p.layers[key].A.shape[1]))) for p in parents if key in p.layers}
+        shapes = {
+            (p.source, (int(p.layers[key].B.shape[0]), int(p.layers[key].A.shape[1])))
+            for p in parents
+            if key in p.layers
+        }
         if len({shape for _, shape in shapes}) > 1:
             found = ", ".join(f"{source}: {shape[0]}x{shape[1]}" for source, shape in sorted(shapes))
             raise ConfigError(f"layer {key} has different shapes in the adapters ({found}): not one base")
@@ -220,7 +224,9 @@ def open_parents(references: list[str], registry: str | None = None) -> list[Par
                 "compose adapters of one base"
             )
         if parent.adapter.layout != first.adapter.layout:
-            raise ConfigError(f"{parent.reference} is a {parent.adapter.layout} LoRA, {first.reference} a {first.adapter.layout} one")
+            raise ConfigError(
+                f"{parent.reference} is a {parent.adapter.layout} LoRA, {first.reference} a {first.adapter.layout} one"
+            )
     return parents
 
 
@@ -238,9 +244,7 @@ def compose(
     output = Path(output)
     parents = open_parents(references, registry)
     weights = [1.0] * len(parents) if weights is None else [float(w) for w in weights]
-    composed = compose_layers(
-        [p.adapter for p in parents], weights, method, rank=rank, density=density, seed=seed
-    )
+    composed = compose_layers([p.adapter for p in parents], weights, method, rank=rank, density=density, seed=seed)
     _claim(output, overwrite)
     partial = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
@@ -428,6 +432,7 @@ def _general_data(manifest: Manifest) -> Path | None:
 
 def format_table(table: list[dict[str, Any]]) -> str:
     """The composition table as text: base, parent on its own set, composed, share of the parent's gain kept."""
+
     def cell(value: Any) -> str:
         return "-" if value is None else f"{value:.4f}"
 

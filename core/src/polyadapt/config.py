@@ -102,10 +102,14 @@ class TrainConfig(Section):
     epochs: Annotated[float, Field(gt=0)] | Auto | None = Field(
         None, description="Passes over the training data (exclusive with max_steps); unset with max_steps: auto."
     )
-    lr: Annotated[float, Field(gt=0)] | Auto = Field(AUTO, description="Peak learning rate; auto: from the method, rank, model and batch size.")
+    lr: Annotated[float, Field(gt=0)] | Auto = Field(
+        AUTO, description="Peak learning rate; auto: from the method, rank, model and batch size."
+    )
     weight_decay: float = Field(0.0, ge=0)
     scheduler: Literal["constant", "linear", "cosine"] = Field("cosine", description="Decay after warmup.")
-    warmup_steps: Annotated[int, Field(ge=0)] | Auto = Field(AUTO, description="Linear warmup steps; auto: 5% of the steps.")
+    warmup_steps: Annotated[int, Field(ge=0)] | Auto = Field(
+        AUTO, description="Linear warmup steps; auto: 5% of the steps."
+    )
     batch_size: int = Field(8, ge=1, description="Samples per micro-batch per process.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null disables it.")
@@ -185,7 +189,8 @@ class DPConfig(Section):
 
     clip: float = Field(gt=0, description="L2 norm each site's update (vs the round's start) is clipped to.")
     noise_multiplier: float = Field(
-        ge=0, description="Gaussian noise std as a multiple of clip: each coordinate gets N(0, (noise_multiplier*clip)^2)."
+        ge=0,
+        description="Gaussian noise std as a multiple of clip: each coordinate gets N(0, (noise_multiplier*clip)^2).",
     )
     delta: float = Field(1e-5, gt=0, lt=1, description="The delta of the (epsilon, delta) budget reported per round.")
 

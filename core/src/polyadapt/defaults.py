@@ -69,7 +69,9 @@ class TrainingRule:
 
     # -- learning rate -----------------------------------------------------------------------------------------------
     def lr(self, method: str, r: int, alpha: float, params: int, global_batch: int) -> tuple[float, str]:
-        parts = [f"reference {self.reference_lr:g} (LoRA, {_count(self.reference_params)} parameters, scale 2, batch 8)"]
+        parts = [
+            f"reference {self.reference_lr:g} (LoRA, {_count(self.reference_params)} parameters, scale 2, batch 8)"
+        ]
         value = self.reference_lr
         method_factor = METHOD_LR.get(method, 1.0)
         if method_factor != 1.0:
@@ -182,7 +184,9 @@ def resolve_training(
         update["early_stopping_patience"] = patience
         choices["train.early_stopping_patience"] = {
             "value": patience,
-            "rule": f"stop after {rule.patience} evaluations without improvement" if patience else "no periodic evaluation",
+            "rule": f"stop after {rule.patience} evaluations without improvement"
+            if patience
+            else "no periodic evaluation",
         }
     if train.early_stopping_metric == AUTO:
         metric = stop_metric or rule.stop_metric
@@ -230,9 +234,7 @@ def not_improved_warning(modality: Any, manifest: Any) -> str:
             f"the best held-out evaluation came early (step {training.best_step} of {training.steps}): the "
             "learning rate may be too high, or the training data does not teach what the held-out split asks"
         )
-    causes.append(
-        f"learning rate {train.get('lr')}: try `polyadapt tune CONFIG --search lr,epochs` (or set train.lr)"
-    )
+    causes.append(f"learning rate {train.get('lr')}: try `polyadapt tune CONFIG --search lr,epochs` (or set train.lr)")
     counts = manifest.data.counts
     causes.append(
         f"data: {counts.get('train')} training / {counts.get('validation')} held-out samples; check that the "

@@ -211,7 +211,9 @@ def write_adapter(directory: Path, like: LoraAdapter, layers: dict[str, LoraLaye
             f"{component}.rank_pattern": {}, f"{component}.alpha_pattern": {}, f"{component}.use_dora": False,
             f"{component}.target_modules": inner, f"{component}.peft_type": "LORA",
         })  # fmt: skip
-    save_file(tensors, str(directory / DIFFUSERS_WEIGHTS), metadata={"format": "pt", METADATA_KEY: json.dumps(metadata)})
+    save_file(
+        tensors, str(directory / DIFFUSERS_WEIGHTS), metadata={"format": "pt", METADATA_KEY: json.dumps(metadata)}
+    )
     return [DIFFUSERS_WEIGHTS]
 
 

@@ -131,7 +131,9 @@ def exact_mean(
     return means
 
 
-def applied_delta(method: str, old: GlobalAdapter, new: GlobalAdapter, start: dict[str, LoraLayer]) -> dict[str, torch.Tensor]:
+def applied_delta(
+    method: str, old: GlobalAdapter, new: GlobalAdapter, start: dict[str, LoraLayer]
+) -> dict[str, torch.Tensor]:
     """The change to each base weight the aggregate makes, dense: what the server's result adds for this round."""
     deltas = {}
     for key, layer in start.items():

@@ -18,7 +18,9 @@ OVERRIDE_HELP = "Override a config value: key.sub=value (YAML value). Repeatable
     help="ffa (default): A frozen, B averaged, exact; stack: factors concatenated, exact, SVD to peft.r at the end; "
     "fedavg: A and B averaged, inexact.",
 )  # fmt: skip
-@click.option("--output", type=click.Path(path_type=Path), help="Run directory to create (default: the config's output).")
+@click.option(
+    "--output", type=click.Path(path_type=Path), help="Run directory to create (default: the config's output)."
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in the output directory.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=OVERRIDE_HELP)
 def federate(
@@ -48,7 +50,9 @@ def format_summary(manifest: dict) -> str:
     federation = manifest["federation"]
     headline = (manifest.get("metrics") or {}).get("headline")
     label = "exact" if federation["exact"] else "inexact (A and B averaged separately)"
-    lines = [f"aggregate: {federation['aggregate']}, {label}; {federation['rounds']} round(s), {federation['transport']}"]
+    lines = [
+        f"aggregate: {federation['aggregate']}, {label}; {federation['rounds']} round(s), {federation['transport']}"
+    ]
     if headline:
         width = max([len(s["name"]) for s in federation["sites"]] + [6])
         lines.append(f"{'site':<{width}}  {'samples':>7}  {headline + ' before':>22}  {headline + ' after':>22}")

@@ -269,7 +269,9 @@ class FederatedRecipe:
             updates = [decode(r.message) for r in good]
             weights = weights_of([r.samples for r in good])
             new = aggregate(self.method, self.state, start, updates, weights)
-            error = relative_error(applied_delta(self.method, self.state, new, start), exact_mean(start, updates, weights))
+            error = relative_error(
+                applied_delta(self.method, self.state, new, start), exact_mean(start, updates, weights)
+            )
             self.state = new
             up = sum(len(r.message) for r in good)
             down = len(message) * len(clients)

@@ -15,7 +15,9 @@ if TYPE_CHECKING:
     from .registry import Registry
 
 REGISTRY_HELP = "Registry directory or URL (sqlite:///..., postgresql://...); default $POLYADAPT_REGISTRY or registry/."
-FILES_HELP = "Where a SQL registry keeps its files (fsspec URL: s3://..., file://...); default $POLYADAPT_REGISTRY_FILES."
+FILES_HELP = (
+    "Where a SQL registry keeps its files (fsspec URL: s3://..., file://...); default $POLYADAPT_REGISTRY_FILES."
+)
 
 
 def registry_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -119,7 +121,9 @@ def show(ref: str, as_json: bool, url: str | None, files: str | None) -> None:
     if info["description"]:
         click.echo(f"  {info['description']}")
     click.echo(f"base:      {info['base']['reference']}  sha256 {info['base']['sha256']}")
-    click.echo(f"data:      {info['data'].get('path')}  fingerprint {info['data']['fingerprint']}  counts {info['data'].get('counts')}")
+    click.echo(
+        f"data:      {info['data'].get('path')}  fingerprint {info['data']['fingerprint']}  counts {info['data'].get('counts')}"
+    )
     click.echo(f"code:      polyadapt {info['code'].get('polyadapt')}  {info['code'].get('plugins')}")
     click.echo(f"headline:  {metrics['headline']}")
     for section in ("before", "after", "general_before", "general_after"):
@@ -184,7 +188,9 @@ def promote(
     """Move ALIAS to NAME@vN if it beats the base, stays within the forgetting budget and is no worse than the version
     ALIAS holds now. A refusal lists every failed condition and exits 2."""
     with opened(url, files) as reg:
-        promotion = reg.promote(ref, alias, min_gain=min_gain, max_forgetting=max_forgetting, force=force, reason=reason)
+        promotion = reg.promote(
+            ref, alias, min_gain=min_gain, max_forgetting=max_forgetting, force=force, reason=reason
+        )
     for condition in promotion.conditions:
         click.echo(f"  [{'pass' if condition.passed else 'FAIL'}] {condition.name}: {condition.detail}")
     click.echo(_moved(promotion.event))

@@ -63,5 +63,3 @@ def looks_like_ref(text: str | Path) -> bool:
     """Whether ``text`` is meant as a registry reference: ``NAME@REF`` that is not an existing path."""
     value = str(text)
     return "@" in value and "/" not in value and not Path(value).exists()
-
-

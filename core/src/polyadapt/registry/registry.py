@@ -248,7 +248,9 @@ class Registry:
             number = self._take_version(conn, name, kind)
             conn.execute(versions.insert().values(name=name, version=number, **row))
             for file, digest in sorted(entries.items()):
-                conn.execute(files.insert().values(name=name, version=number, path=file, sha256=digest, size=sizes[file]))
+                conn.execute(
+                    files.insert().values(name=name, version=number, path=file, sha256=digest, size=sizes[file])
+                )
             for key, value in sorted(tags.items()):
                 conn.execute(tag_table.insert().values(name=name, version=number, key=key, value=str(value)))
             return number
@@ -300,7 +302,9 @@ class Registry:
         if ref.version is not None:
             return ref.version
         if ref.ref == LATEST:
-            number = conn.execute(sa.select(sa.func.max(versions.c.version)).where(versions.c.name == ref.name)).scalar()
+            number = conn.execute(
+                sa.select(sa.func.max(versions.c.version)).where(versions.c.name == ref.name)
+            ).scalar()
             if number is None:
                 raise RegistryError(f"{ref.name} has no versions left")
             return number
@@ -343,8 +347,9 @@ class Registry:
             counts = {
                 r.name: (r.count, r.latest)
                 for r in conn.execute(
-                    sa.select(versions.c.name, sa.func.count().label("count"), sa.func.max(versions.c.version).label("latest"))
-                    .group_by(versions.c.name)
+                    sa.select(
+                        versions.c.name, sa.func.count().label("count"), sa.func.max(versions.c.version).label("latest")
+                    ).group_by(versions.c.name)
                 )
             }
             alias_map: dict[str, dict[str, int]] = {}
@@ -427,7 +432,9 @@ class Registry:
         if not stack:
             raise RegistryError(f"{name} has no alias {alias!r}")
         if len(stack) < 2:
-            raise RegistryError(f"{name}@{alias} has no earlier version to roll back to (it has only held v{stack[-1]})")
+            raise RegistryError(
+                f"{name}@{alias} has no earlier version to roll back to (it has only held v{stack[-1]})"
+            )
         target = stack[-2]
         try:
             self.get(Ref(name, f"v{target}"))
@@ -495,7 +502,9 @@ class Registry:
                 raise RegistryError(f"no adapter named {name!r} in {self.location}")
             rows = conn.execute(query.order_by(events.c.id)).all()
         return [
-            AliasEvent(r.name, r.alias, r.from_version, r.to_version, r.at, r.by, r.action, r.reason, json.loads(r.details))
+            AliasEvent(
+                r.name, r.alias, r.from_version, r.to_version, r.at, r.by, r.action, r.reason, json.loads(r.details)
+            )
             for r in rows
         ]
 
@@ -710,7 +719,9 @@ def _summary(manifest: Manifest, report: dict[str, Any] | None) -> dict[str, Any
         "base": {"reference": base.reference, "hub_id": base.hub_id, "weights_sha256": dict(base.weights_sha256)},
         "base_sha256": base_digest(base.weights_sha256, base.reference),
         "data": {
-            "path": manifest.data.path, "counts": dict(manifest.data.counts), "heldout": dict(manifest.data.heldout),
+            "path": manifest.data.path,
+            "counts": dict(manifest.data.counts),
+            "heldout": dict(manifest.data.heldout),
             "files": dict((manifest.data.fingerprint or {}).get("files", {})),
         },  # fmt: skip
         "config": manifest.config,
@@ -720,7 +731,9 @@ def _summary(manifest: Manifest, report: dict[str, Any] | None) -> dict[str, Any
             "libraries": dict(manifest.libraries),
         },
         "metrics": {
-            "before": metrics.before, "after": metrics.after, "general_before": metrics.general_before,
+            "before": metrics.before,
+            "after": metrics.after,
+            "general_before": metrics.general_before,
             "general_after": metrics.general_after,
         },  # fmt: skip
         "directions": directions,
@@ -782,5 +795,7 @@ def _write_card(directory: Path, final: Path, version: Version, manifest: Manife
         f"- content sha256: `{version.content_sha256}`",
     ]
     card = directory / "README.md"
-    head = card.read_text(encoding="utf-8") if card.exists() else f"# {version.label}\n\nA {version.modality} adapter.\n"
+    head = (
+        card.read_text(encoding="utf-8") if card.exists() else f"# {version.label}\n\nA {version.modality} adapter.\n"
+    )
     card.write_text(head + "\n".join(lines) + "\n", encoding="utf-8")

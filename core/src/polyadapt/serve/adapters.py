@@ -121,7 +121,9 @@ def check_version(
         return [f"{version.label} is a {version.config.modality} run; bases.{identity.name} is {modality}"]
     method = version.manifest.adapter.method if version.manifest.adapter is not None else version.config.peft.method
     if methods is not None and method not in methods:
-        return [f"{version.label} is a {method} adapter; the {modality} server batches {', '.join(sorted(methods))} only"]
+        return [
+            f"{version.label} is a {method} adapter; the {modality} server batches {', '.join(sorted(methods))} only"
+        ]
     problem = identity.problem(version)
     return [problem] if problem else []
 
@@ -193,7 +195,9 @@ class RegistryFollower:
                     moved += 1
                 except Exception as exc:  # noqa: BLE001 - the served version stays
                     self.errors += 1
-                    log.warning("adapter %s (%s): keeping %s: %s", source.name, source.source, source.current.label, exc)
+                    log.warning(
+                        "adapter %s (%s): keeping %s: %s", source.name, source.source, source.current.label, exc
+                    )
         finally:
             reg.close()
             self.polls += 1

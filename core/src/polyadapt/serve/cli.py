@@ -13,11 +13,20 @@ import click
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))  # fmt: skip
-@click.option("--ray", "use_ray", is_flag=True,
-              help="Run as a Ray Serve application: replicas of every base, adapters multiplexed across them.")
+@click.option(
+    "--ray",
+    "use_ray",
+    is_flag=True,
+    help="Run as a Ray Serve application: replicas of every base, adapters multiplexed across them.",
+)
 @click.option("--replicas", default=2, show_default=True, type=click.IntRange(min=1), help="Ray Serve replicas.")
-@click.option("--cpus-per-replica", default=1.0, show_default=True, type=click.FloatRange(min=0),
-              help="CPUs Ray reserves for each replica.")
+@click.option(
+    "--cpus-per-replica",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="CPUs Ray reserves for each replica.",
+)
 @click.option("--ray-address", help="Ray cluster to join (default: a local Ray instance started for the server).")
 def serve(
     config: Path, host: str, port: int, log_level: str, use_ray: bool, replicas: int, cpus_per_replica: float,
@@ -30,7 +39,9 @@ def serve(
     from ..errors import PluginError
     from .config import load_serve_config, read_keys
 
-    missing = [m for m in ("fastapi", "uvicorn", "multipart", "prometheus_client") if importlib.util.find_spec(m) is None]
+    missing = [
+        m for m in ("fastapi", "uvicorn", "multipart", "prometheus_client") if importlib.util.find_spec(m) is None
+    ]
     if missing:
         raise PluginError(f"polyadapt serve needs {', '.join(missing)}: pip install 'polyadapt[serve]'")
 

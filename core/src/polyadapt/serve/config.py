@@ -168,7 +168,7 @@ def _entry_keys(line: str) -> str:
     """The valid keys of an adapter, route or tenant entry (the generic formatter cannot see into the mappings)."""
     section = line.split(".", 1)[0]
     if section in ENTRY_KEYS and line.endswith("valid keys here: ?"):
-        return line[: -1] + ENTRY_KEYS[section]
+        return line[:-1] + ENTRY_KEYS[section]
     return line
 
 

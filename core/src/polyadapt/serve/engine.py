@@ -110,7 +110,13 @@ class Engine:
             modality = config.base_configs[entry.base].modality
             try:
                 engine._sources[name] = open_source(
-                    name, entry.base, entry.source, config.registry, modality, identities[entry.base], pm,
+                    name,
+                    entry.base,
+                    entry.source,
+                    config.registry,
+                    modality,
+                    identities[entry.base],
+                    pm,
                     backends[modality].peft_methods,
                 )
             except ConfigError as exc:
@@ -284,7 +290,12 @@ class Engine:
         worker = self.workers[base]
         try:
             added = open_source(
-                name, base, source, self.config.registry, worker.modality, worker.identity,
+                name,
+                base,
+                source,
+                self.config.registry,
+                worker.modality,
+                worker.identity,
                 methods=worker.spec.peft_methods,
             )
         except ConfigError as exc:

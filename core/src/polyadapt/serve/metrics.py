@@ -32,9 +32,7 @@ class ServeMetrics:
         )
         self.loaded_adapters = Gauge("polyadapt_loaded_adapters", "Adapters attached to the base", ["base"], registry=r)
         self.adapter_loads = Counter("polyadapt_adapter_loads", "Adapter versions attached", ["base"], registry=r)
-        self.route_decisions = Counter(
-            "polyadapt_route_decisions", "Route decisions", ["route", "target"], registry=r
-        )
+        self.route_decisions = Counter("polyadapt_route_decisions", "Route decisions", ["route", "target"], registry=r)
         self.adapter_version = Gauge(
             "polyadapt_adapter_version", "Registry version served per adapter (0: a run directory)", ["adapter"],
             registry=r,

@@ -71,9 +71,7 @@ class Router:
         sticky = route.sticky == "user" and bool(user)
         point = sticky_point(name, user) if sticky else self.rng()
         decision = Decision(route=name, target=route.pick(point), user=user, sticky=sticky)
-        log.info(
-            "route %s -> %s (user %s, %s)", name, decision.target, user or "-", "sticky" if sticky else "drawn"
-        )
+        log.info("route %s -> %s (user %s, %s)", name, decision.target, user or "-", "sticky" if sticky else "drawn")
         if self.on_decision is not None:
             self.on_decision(decision)
         return decision

@@ -158,7 +158,9 @@ def collate(run: ImageRun, items: Sequence[dict[str, Any]], training: bool) -> d
         for item in items:
             generator = torch.Generator().manual_seed(item["seed"])
             timestep = torch.randint(min(low, steps - 1), min(high, steps), (1,), generator=generator)
-            draws.append((timestep, torch.randn(*shape, generator=generator), torch.randn(shape[0], 1, 1, generator=generator)))
+            draws.append(
+                (timestep, torch.randn(*shape, generator=generator), torch.randn(shape[0], 1, 1, generator=generator))
+            )
         batch["timesteps"] = torch.cat([t for t, _, _ in draws])
         batch["noise"] = torch.stack([n for _, n, _ in draws])
         batch["latent_noise"] = torch.zeros(len(items), *shape)

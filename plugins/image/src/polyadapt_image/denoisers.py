@@ -35,7 +35,11 @@ class Denoiser:
         for i, name in enumerate(self.tokenizers):
             tokenizer = getattr(self.pipeline, name)
             ids = tokenizer(
-                prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+                prompts,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
             ).input_ids
             out["input_ids" if i == 0 else f"input_ids_{i + 1}"] = ids
         return out
@@ -46,7 +50,9 @@ class Denoiser:
         lengths = [len(ids) for ids in tokenizer(prompts, truncation=False).input_ids]
         return sum(length > tokenizer.model_max_length for length in lengths)
 
-    def encode_tokens(self, tokens: dict[str, torch.Tensor], encoders: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
+    def encode_tokens(
+        self, tokens: dict[str, torch.Tensor], encoders: list[torch.nn.Module]
+    ) -> dict[str, torch.Tensor]:
         """Conditioning tensors (``encoder_hidden_states`` and friends) from :meth:`tokenize`'s ids."""
         (encoder,) = encoders
         ids = tokens["input_ids"].to(next(encoder.parameters()).device)
@@ -101,7 +107,9 @@ class SDXLDenoiser(Denoiser):
     text_encoders = ("text_encoder", "text_encoder_2")
     tokenizers = ("tokenizer", "tokenizer_2")
 
-    def encode_tokens(self, tokens: dict[str, torch.Tensor], encoders: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
+    def encode_tokens(
+        self, tokens: dict[str, torch.Tensor], encoders: list[torch.nn.Module]
+    ) -> dict[str, torch.Tensor]:
         hidden, pooled = [], None
         for i, encoder in enumerate(encoders):
             ids = tokens["input_ids" if i == 0 else f"input_ids_{i + 1}"].to(next(encoder.parameters()).device)
@@ -119,7 +127,11 @@ class SDXLDenoiser(Denoiser):
     def predict(self, model: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
         added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
         return model(
-            noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added, return_dict=False
+            noisy,
+            timesteps,
+            encoder_hidden_states=cond["encoder_hidden_states"],
+            added_cond_kwargs=added,
+            return_dict=False,
         )[0]
 
 

@@ -115,6 +115,8 @@ def export_merged(run: LoadedRun, output_dir: Path) -> dict[str, Any]:
     gap = float((merged - with_lora).abs().max())
     scale = float(with_lora.abs().max())
     if gap > 1e-3 * max(1.0, scale):
-        raise ExportError(f"merged export: fused denoiser differs from denoiser + LoRA by {gap:.3g} (max |output| {scale:.3g})")
+        raise ExportError(
+            f"merged export: fused denoiser differs from denoiser + LoRA by {gap:.3g} (max |output| {scale:.3g})"
+        )
     pipe.save_pretrained(str(output_dir), safe_serialization=True)
     return {"parity_max_abs_diff": gap, "pipeline": type(pipe).__name__}

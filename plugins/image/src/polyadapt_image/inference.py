@@ -20,11 +20,17 @@ def infer_params() -> list[click.Parameter]:
     return [
         click.Option(["--prompt"], required=True, help="Text prompt (include the run's trigger phrase for its style)."),
         click.Option(["--n"], type=click.IntRange(min=1), default=4, show_default=True, help="Images to generate."),
-        click.Option(["--seed"], type=int, default=0, show_default=True, help="Seed of the first image (then +1 each)."),
-        click.Option(["--out"], type=click.Path(file_okay=False, path_type=Path), required=True, help="Directory for PNGs."),
+        click.Option(
+            ["--seed"], type=int, default=0, show_default=True, help="Seed of the first image (then +1 each)."
+        ),
+        click.Option(
+            ["--out"], type=click.Path(file_okay=False, path_type=Path), required=True, help="Directory for PNGs."
+        ),
         click.Option(["--scale"], type=float, default=1.0, show_default=True, help="Strength of this run's LoRA."),
         click.Option(
-            ["--adapter"], multiple=True, metavar="RUN:WEIGHT",
+            ["--adapter"],
+            multiple=True,
+            metavar="RUN:WEIGHT",
             help="Also apply another image run's LoRA with this weight (repeatable).",
         ),  # fmt: skip
         click.Option(["--steps"], type=click.IntRange(min=1), default=None, help="Sampler steps (default: the run's)."),

@@ -74,8 +74,12 @@ class ImageSettings(ModalitySettings):
     validation_prompts: list[str] = Field(
         default_factory=list, description="Prompts for validation images; default: the first held-out captions."
     )
-    num_validation_prompts: int = Field(4, ge=1, description="How many held-out captions when validation_prompts is empty.")
-    validation_seeds: list[int] = Field(default_factory=lambda: [0, 1], description="Seeds; one image per prompt and seed.")
+    num_validation_prompts: int = Field(
+        4, ge=1, description="How many held-out captions when validation_prompts is empty."
+    )
+    validation_seeds: list[int] = Field(
+        default_factory=lambda: [0, 1], description="Seeds; one image per prompt and seed."
+    )
     num_inference_steps: int = Field(25, ge=1, description="Sampler steps for validation and inference images.")
     guidance_scale: float = Field(5.0, ge=0, description="Classifier-free guidance scale (<= 1 disables it).")
     palette_size: int = Field(8, ge=1, le=64, description="Colours per palette in the brand-style distance.")
@@ -435,7 +439,9 @@ class ImageRun(ModalityRun):
             metrics["brand_style_distance_vae"] = brand_style_distance(images, redrawn, settings.palette_size)
         if settings.clip_model is not None:
             metrics["clip_score"] = clip_score(images, prompts, settings.clip_model)
-        examples = [{"prompt": p, "seed": s, "grid_index": i} for i, (p, s) in enumerate(zip(prompts, seeds, strict=True))]
+        examples = [
+            {"prompt": p, "seed": s, "grid_index": i} for i, (p, s) in enumerate(zip(prompts, seeds, strict=True))
+        ]
         artifacts: dict[str, Path] = {}
         if self.ctx.run_dir is not None and self.ctx.is_main_process:
             tag = "adapted" if self.active_adapters() else "base"

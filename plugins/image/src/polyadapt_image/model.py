@@ -88,7 +88,9 @@ def attach_lora(run: ImageRun, targets: list[str]) -> None:
     run.denoiser.add_adapter(build_peft_config(section, targets), adapter_name=DEFAULT_ADAPTER)
     if run.settings.train_text_encoder:
         for encoder in run.text_encoders:
-            inject_adapter_in_model(build_peft_config(section, DEFAULT_TEXT_TARGETS), encoder, adapter_name=DEFAULT_ADAPTER)
+            inject_adapter_in_model(
+                build_peft_config(section, DEFAULT_TEXT_TARGETS), encoder, adapter_name=DEFAULT_ADAPTER
+            )
             for name, param in encoder.named_parameters():
                 param.requires_grad_("lora_" in name)
 

@@ -17,8 +17,19 @@ def register_modalities(register):
 def register_export_formats(register):
     from . import export
 
-    register(ExportFormat("kohya", "image", "one LoRA file in the kohya/A1111/ComfyUI key layout (lora_unet_...)", export.export_kohya))
-    register(ExportFormat("merged", "image", "the pipeline with the LoRA fused into its weights (diffusers, safetensors)", export.export_merged))
+    register(
+        ExportFormat(
+            "kohya", "image", "one LoRA file in the kohya/A1111/ComfyUI key layout (lora_unet_...)", export.export_kohya
+        )
+    )
+    register(
+        ExportFormat(
+            "merged",
+            "image",
+            "the pipeline with the LoRA fused into its weights (diffusers, safetensors)",
+            export.export_merged,
+        )
+    )
 
 
 @hookimpl

@@ -27,10 +27,11 @@ def grid_section(before: EvalResult | None, after: EvalResult) -> tuple[str, str
     for example in after.examples:
         rows.setdefault(example["prompt"], []).append(str(example["seed"]))
     legend = "".join(
-        f"<li>row {i + 1}: {html.escape(prompt)} (seeds {', '.join(seeds)})</li>" for i, (prompt, seeds) in enumerate(rows.items())
+        f"<li>row {i + 1}: {html.escape(prompt)} (seeds {', '.join(seeds)})</li>"
+        for i, (prompt, seeds) in enumerate(rows.items())
     )
     body = (
         "<p>Images generated from the same prompts and seeds before and after adaptation; one row per prompt, "
-        f"one column per seed.</p>{''.join(columns)}<ol style=\"list-style:none;padding:0\">{legend}</ol>"
+        f'one column per seed.</p>{"".join(columns)}<ol style="list-style:none;padding:0">{legend}</ol>'
     )
     return "Validation images: base vs adapted", body

@@ -79,7 +79,9 @@ class SpeechBackend(TranscriptionBackend):
             try:
                 samples = read_audio(Path(handle.name))
             except AudioReadError as exc:
-                raise RequestProblem(f"the uploaded file is not audio polyadapt can decode: {exc}", param="file") from None
+                raise RequestProblem(
+                    f"the uploaded file is not audio polyadapt can decode: {exc}", param="file"
+                ) from None
         if len(samples) == 0:
             raise RequestProblem("the uploaded audio has no samples", param="file")
         duration = len(samples) / SAMPLE_RATE

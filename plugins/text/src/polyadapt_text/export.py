@@ -106,7 +106,9 @@ def export_vllm(loaded: LoadedRun, output_dir: Path) -> dict[str, Any]:
     with safe_open(str(run_dir / "adapter_model.safetensors"), "pt") as handle:
         keys = list(handle.keys())
         ranks = {handle.get_slice(k).get_shape()[0] for k in keys if k.endswith(".lora_A.weight")}
-    odd = [k for k in keys if not (k.startswith("base_model.model.") and k.endswith((".lora_A.weight", ".lora_B.weight")))]
+    odd = [
+        k for k in keys if not (k.startswith("base_model.model.") and k.endswith((".lora_A.weight", ".lora_B.weight")))
+    ]
     if odd:
         problems.append(f"tensors other than plain lora_A/lora_B weights ({odd[0]}, {len(odd)} in all)")
     rank = max(ranks | {int(config.get("r", 0))})

@@ -165,12 +165,16 @@ def infer_params() -> list[click.Parameter]:
         click.Option(["--top-p"], type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True),
         click.Option(["--seed"], type=int, default=0, show_default=True, help="Sampling seed."),
         click.Option(
-            ["--retrieve"], metavar="INDEX", default=None,
+            ["--retrieve"],
+            metavar="INDEX",
+            default=None,
             help="Ground the answer in chunks of INDEX (a directory or NAME@REF): they go into the prompt, numbered, "
             "and the sources are printed after the answer.",
         ),  # fmt: skip
         click.Option(
-            ["--top-k"], type=click.IntRange(1, 64), default=None,
+            ["--top-k"],
+            type=click.IntRange(1, 64),
+            default=None,
             help="Chunks retrieved with --retrieve (default: text.retrieval.top_k, else 4).",
         ),  # fmt: skip
     ]

@@ -77,8 +77,9 @@ class TextSettings(ModalitySettings):
         1e-3, gt=0, description="merged export: largest allowed |logit| gap between merged and base+adapter (fp32)."
     )
     retrieval: RetrievalSettings | None = Field(
-        None, description="Retrieved excerpts in training and held-out prompts: {index, top_k, distractors, "
-        "drop_golden, cite} (see RetrievalSettings)."
+        None,
+        description="Retrieved excerpts in training and held-out prompts: {index, top_k, distractors, "
+        "drop_golden, cite} (see RetrievalSettings).",
     )
     objective: Literal["sft", "dpo", "ipo", "orpo", "simpo"] = Field(
         "sft",
@@ -86,7 +87,9 @@ class TextSettings(ModalitySettings):
         "preference tuning on {prompt, chosen, rejected} pairs (polyadapt_text.preference).",
     )
     beta: float | None = Field(
-        None, gt=0, description="Preference objectives: DPO's beta, IPO's tau, ORPO's lambda, SimPO's beta; unset: "
+        None,
+        gt=0,
+        description="Preference objectives: DPO's beta, IPO's tau, ORPO's lambda, SimPO's beta; unset: "
         "0.1 (dpo, ipo, orpo, as TRL) or 2.0 (simpo, as the SimPO paper).",
     )
     simpo_gamma: float | None = Field(

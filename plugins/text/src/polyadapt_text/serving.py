@@ -79,7 +79,10 @@ class TextBackend(GenerationBackend):
             or self.tokenizer.model_max_length
         )  # fmt: skip
         stops: set[int] = set()
-        for token in (self.tokenizer.eos_token_id, getattr(self.run.base_model.generation_config, "eos_token_id", None)):
+        for token in (
+            self.tokenizer.eos_token_id,
+            getattr(self.run.base_model.generation_config, "eos_token_id", None),
+        ):
             if token is not None:
                 stops.update(token if isinstance(token, list) else [token])
         self.stop_ids = sorted(stops)
@@ -123,6 +126,7 @@ class TextBackend(GenerationBackend):
         template = _template(settings.chat_template) or self.tokenizer.chat_template
         if not template:
             raise RequestProblem("this model has no chat template; use /v1/completions", param="messages")
+
         def render(asked: list[tuple[str, str]]) -> list[int]:
             text = self.tokenizer.apply_chat_template(
                 chat_messages(asked, settings.system_prompt), tokenize=False, add_generation_prompt=True,
