@@ -4,7 +4,8 @@ disclose fees). Prints preference accuracy and compliance on the held-out pairs 
 base), after SFT and after DPO, and the forgetting check on the general set.
 
 The DPO run continues the SFT adapter (``peft.init_from``), which is also its frozen reference; its manifest records
-the SFT run as its parent. Run from the repository root: ``python examples/preference_demo.py`` (CPU: tens of minutes;
+the SFT run as its parent. Its loss adds the chosen answers' NLL at weight 1 (``text.sft_weight``, RPO;
+``--sft-weight 0`` trains on DPO's loss alone). Run from the repository root: ``python examples/preference_demo.py`` (CPU: tens of minutes;
 ``--dpo-epochs`` and ``--sft-steps`` shorten it). Both run directories are replaced on every run
 (``--sft-run DIR`` continues a finished SFT run instead, such as ``runs/demo-text`` from ``make demo``).
 """
@@ -27,13 +28,14 @@ GENERAL = ROOT / "sample_data" / "text" / "general"
 SHOWN = ("preference_accuracy", "compliance", "chosen_logp", "rejected_logp", "eval_loss")
 
 
-def dpo_config(sft_dir: Path, output: Path, epochs: float) -> dict:
+def dpo_config(sft_dir: Path, output: Path, epochs: float, sft_weight: float | None = 1.0) -> dict:
     return {
         "modality": "text", "base": BASE, "data": {"path": str(PAIRS)}, "output": str(output),
         "peft": {"init_from": str(sft_dir)},
         "train": {"epochs": epochs, "lr": 2e-4, "batch_size": 8, "eval_every": None, "early_stopping_patience": None},
         "eval": {"general_data": str(GENERAL)},
-        "text": {"objective": "dpo", "beta": 0.1, "max_length": 256, "max_new_tokens": 64},
+        "text": {"objective": "dpo", "beta": 0.1, "sft_weight": sft_weight or None, "max_length": 256,
+                 "max_new_tokens": 64},
     }  # fmt: skip
 
 
@@ -62,6 +64,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--sft-steps", type=int, default=None, help="SFT optimizer steps (default: the text rule's)")
     parser.add_argument("--dpo-epochs", type=float, default=2.0, help="passes over the 282 training pairs")
     parser.add_argument("--sft-run", type=Path, default=None, help="a finished SFT run to continue (skips SFT)")
+    parser.add_argument(
+        "--sft-weight", type=float, default=1.0,
+        help="text.sft_weight of the DPO run: weight of the chosen answers' NLL added to the DPO loss (0: DPO alone)",
+    )  # fmt: skip
     options = parser.parse_args(argv)
     os.chdir(ROOT)
     sft_dir, dpo_dir = options.sft_run or options.output / "sft", options.output / "dpo"
@@ -74,7 +80,7 @@ def main(argv: list[str]) -> int:
         print(f"== continuing the SFT run {sft_dir}", flush=True)
 
     print("== DPO on sample_data/text/preference, continuing the SFT adapter", flush=True)
-    raw = dpo_config(sft_dir, dpo_dir, options.dpo_epochs)
+    raw = dpo_config(sft_dir, dpo_dir, options.dpo_epochs, options.sft_weight)
     polyadapt.adapt(validate_config(raw), overwrite=True)
     manifest = json.loads((dpo_dir / "polyadapt.json").read_text())
 

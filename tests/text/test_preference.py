@@ -142,6 +142,34 @@ def test_each_objective_matches_its_hand_computed_value_and_gradients(objective,
     torch.testing.assert_close(rejected.grad, torch.tensor(grad_r, dtype=torch.float64), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("objective", ["dpo", "ipo"])
+def test_sft_weight_adds_the_chosen_answers_nll_to_dpo_and_ipo(objective):
+    from polyadapt_text.preference import PairScores, objective_loss
+
+    def scores():
+        t = torch.tensor
+        chosen = t(C, dtype=torch.float64, requires_grad=True)
+        rejected = t(R, dtype=torch.float64, requires_grad=True)
+        return chosen, rejected, PairScores(
+            chosen=chosen, rejected=rejected, chosen_tokens=t(NC, dtype=torch.float64),
+            rejected_tokens=t(NR, dtype=torch.float64), ref_chosen=t(RC, dtype=torch.float64),
+            ref_rejected=t(RR, dtype=torch.float64),
+        )  # fmt: skip
+
+    weight = 0.7
+    chosen, rejected, s = scores()
+    loss = objective_loss(objective, s, BETA, None, weight)
+    loss.backward()
+    value, grad_c, grad_r = {"dpo": hand_dpo, "ipo": hand_ipo}[objective]()
+    # NLL over every chosen token of the batch: -sum(C) / sum(NC); its gradient is -1 / sum(NC) for each chosen answer
+    assert loss.item() == pytest.approx(value + weight * (-sum(C) / sum(NC)), rel=1e-12)
+    expected_c = [g - weight / sum(NC) for g in grad_c]
+    torch.testing.assert_close(chosen.grad, torch.tensor(expected_c, dtype=torch.float64), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(rejected.grad, torch.tensor(grad_r, dtype=torch.float64), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ConfigError, match="text.sft_weight"):
+        objective_loss("simpo", scores()[2], BETA, GAMMA, weight)
+
+
 def test_dpo_needs_reference_log_probabilities():
     from polyadapt_text.preference import PairScores, objective_loss
 
@@ -189,9 +217,11 @@ def test_sequence_log_probs_and_their_gradients_match_the_full_logits_on_a_tiny_
 # -- against TRL -----------------------------------------------------------------------------------------------------
 
 
-def test_the_first_dpo_step_equals_trl_dpo_trainer(tmp_path, tiny_llama, pair_data):
+@pytest.mark.parametrize("sft_weight", [None, 0.5])
+def test_the_first_dpo_step_equals_trl_dpo_trainer(tmp_path, tiny_llama, pair_data, sft_weight):
     """Same tiny model, tokenizer, pairs, beta and initial LoRA weights: polyadapt's first logged DPO loss and
-    gradient norm equal TRL's DPOTrainer (PEFT, reference precomputed with the adapter disabled)."""
+    gradient norm equal TRL's DPOTrainer (PEFT, reference precomputed with the adapter disabled); with
+    ``text.sft_weight`` w, TRL's ``loss_type=["sigmoid", "sft"], loss_weights=[1, w]``."""
     pytest.importorskip("trl")
     from accelerate.utils import set_seed
     from datasets import Dataset
@@ -204,7 +234,7 @@ def test_the_first_dpo_step_equals_trl_dpo_trainer(tmp_path, tiny_llama, pair_da
     write_jsonl(data / "train.jsonl", records)
     write_jsonl(data / "validation.jsonl", pair_records(2, offset=50))
     config = pref_config(tiny_llama, data, tmp_path / "run", train={"max_steps": 1}, eval={"before": False},
-                         text={"generate_eval": False})  # fmt: skip
+                         text={"generate_eval": False, "sft_weight": sft_weight})  # fmt: skip
     first = history(polyadapt.adapt(config))[0]
 
     start = open_run(config)
@@ -216,6 +246,7 @@ def test_the_first_dpo_step_equals_trl_dpo_trainer(tmp_path, tiny_llama, pair_da
         output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, max_steps=1, learning_rate=0.01, beta=0.1,
         precompute_ref_log_probs=True, logging_steps=1, report_to=[], max_length=64, use_cpu=True, seed=0,
         save_strategy="no", bf16=False, fp16=False, disable_tqdm=True,
+        **({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, sft_weight]} if sft_weight else {}),
     )  # fmt: skip
     trainer = DPOTrainer(
         model=run.model, args=args, train_dataset=Dataset.from_list(records), processing_class=run.tokenizer,
@@ -387,6 +418,9 @@ def test_init_from_refusals_come_before_any_model_loads(tmp_path, tiny_llama, pa
         ({"objective": "dpo", "packing": True}, "text.packing: not valid with text.objective 'dpo'"),
         ({"objective": "sft", "beta": 0.2}, "text.beta: only used by the preference objectives"),
         ({"objective": "dpo", "simpo_gamma": 1.0}, "text.simpo_gamma: only used by text.objective 'simpo'"),
+        ({"objective": "orpo", "sft_weight": 1.0}, "text.sft_weight: only used by text.objective dpo or ipo"),
+        ({"objective": "sft", "sft_weight": 1.0}, "text.sft_weight: only used by text.objective dpo or ipo"),
+        ({"objective": "dpo", "sft_weight": -1.0}, "text.sft_weight"),
         ({"objective": "kto"}, "text.objective"),
         ({"objective": "dpo", "beta": 0}, "text.beta"),
     ],

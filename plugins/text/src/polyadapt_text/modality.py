@@ -95,6 +95,12 @@ class TextSettings(ModalitySettings):
     simpo_gamma: float | None = Field(
         None, ge=0, description="SimPO's target reward margin gamma (TRL's name); unset with simpo: 0.5 (TRL)."
     )
+    sft_weight: float | None = Field(
+        None,
+        ge=0,
+        description="dpo, ipo: add this weight times the chosen answers' NLL (mean over their tokens) to the loss, as "
+        "TRL's loss_type ['sigmoid', 'sft'] with loss_weights [1, w] (RPO); unset: none.",
+    )
 
     @model_validator(mode="before")
     @classmethod

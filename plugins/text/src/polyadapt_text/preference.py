@@ -21,6 +21,10 @@ answer, ``n`` its number of tokens, ``c``/``r`` chosen and rejected:
 - ``orpo``: ``NLL(chosen) - beta * log sigmoid(log odds(c) - log odds(r))`` on per-token mean log-probabilities
   (beta is ORPO's lambda), no reference
 
+``text.sft_weight`` w adds ``w * NLL(chosen)`` to ``dpo`` and ``ipo`` (the mean over every chosen token of the batch, as
+TRL's DPOTrainer does with ``loss_type=["sigmoid", "sft"], loss_weights=[1, w]``; RPO, Pang et al. 2024): the margin
+alone can grow by pushing the rejected answer down while the chosen one stays unlikely to be generated.
+
 DPO and IPO need a reference model: the policy as training starts (the ``peft.init_from`` adapter, or the base when
 the adapter is fresh). Its log-probabilities are computed once, when a split is prepared (before training), and cached
 by pair: a training step never runs the reference.
@@ -524,19 +528,33 @@ def orpo_loss(chosen, rejected, chosen_tokens, rejected_tokens, beta: float) -> 
     mean_c = chosen / chosen_tokens.clamp(min=1)
     mean_r = rejected / rejected_tokens.clamp(min=1)
     log_odds = (mean_c - mean_r) - (log1mexp(mean_c) - log1mexp(mean_r))
-    nll = -chosen.sum() / chosen_tokens.sum().clamp(min=1)
+    nll = -chosen.sum() / chosen_tokens.sum().clamp(min=1)  # chosen_nll, on the tensors themselves
     return nll - beta * F.logsigmoid(log_odds).mean()
 
 
-def objective_loss(objective: str, scores: PairScores, beta: float, gamma: float | None = None) -> torch.Tensor:
-    """The mean loss of ``objective`` over a batch of pairs."""
+def chosen_nll(scores: PairScores) -> torch.Tensor:
+    """The negative log-likelihood of the chosen answers: the mean over every chosen token of the batch."""
+    return -scores.chosen.sum() / scores.chosen_tokens.sum().clamp(min=1)
+
+
+def objective_loss(
+    objective: str, scores: PairScores, beta: float, gamma: float | None = None, sft_weight: float | None = None
+) -> torch.Tensor:
+    """The mean loss of ``objective`` over a batch of pairs (plus ``sft_weight`` times the chosen answers' NLL for
+    DPO and IPO)."""
     s = scores
     if objective in REFERENCE_OBJECTIVES and s.ref_chosen is None:
         raise ConfigError(f"text.objective: {objective!r} needs reference log-probabilities and the batch has none")
-    if objective == "dpo":
-        return dpo_loss(s.chosen, s.rejected, s.ref_chosen, s.ref_rejected, beta)
-    if objective == "ipo":
-        return ipo_loss(s.chosen, s.rejected, s.ref_chosen, s.ref_rejected, s.chosen_tokens, s.rejected_tokens, beta)
+    if sft_weight and objective not in REFERENCE_OBJECTIVES:
+        raise ConfigError(f"text.sft_weight: only used with text.objective dpo or ipo, not {objective!r}")
+    if objective in REFERENCE_OBJECTIVES:
+        if objective == "dpo":
+            loss = dpo_loss(s.chosen, s.rejected, s.ref_chosen, s.ref_rejected, beta)
+        else:
+            loss = ipo_loss(
+                s.chosen, s.rejected, s.ref_chosen, s.ref_rejected, s.chosen_tokens, s.rejected_tokens, beta
+            )
+        return loss + sft_weight * chosen_nll(s) if sft_weight else loss
     if objective == "simpo":
         return simpo_loss(s.chosen, s.rejected, s.chosen_tokens, s.rejected_tokens, beta, gamma or 0.0)
     if objective == "orpo":
@@ -549,7 +567,7 @@ def objective_loss(objective: str, scores: PairScores, beta: float, gamma: float
 def pair_loss(model: Any, batch: dict[str, torch.Tensor], settings: Any, fused: bool = False) -> torch.Tensor:
     """The run's objective on one batch of pairs: one forward pass over the chosen and rejected rows."""
     return objective_loss(settings.objective, split_pairs(sequence_logps(model, batch, fused), batch),
-                          settings.beta, settings.simpo_gamma)  # fmt: skip
+                          settings.beta, settings.simpo_gamma, settings.sft_weight)  # fmt: skip
 
 
 def rewards(objective: str, scores: PairScores, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -696,6 +714,10 @@ def validate_settings(settings: Any) -> list[str]:
         )
     if settings.simpo_gamma is not None and objective != "simpo":
         problems.append(f"text.simpo_gamma: only used by text.objective 'simpo' (it is {objective!r})")
+    if settings.sft_weight is not None and objective not in REFERENCE_OBJECTIVES:
+        problems.append(
+            f"text.sft_weight: only used by text.objective dpo or ipo (it is {objective!r}; orpo has its own NLL term)"
+        )
     return problems
 
 
