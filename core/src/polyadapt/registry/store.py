@@ -113,11 +113,29 @@ def engine_for(url: str) -> sa.Engine:
     return engine
 
 
+#: how long a SQLite connection waits for another writer's lock, in seconds
+SQLITE_BUSY_SECONDS = 60
+
+
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    import sqlite3
+
     dbapi_connection.isolation_level = None  # transactions are begun explicitly (BEGIN IMMEDIATE)
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=60000")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_SECONDS * 1000}")
+    # Switching a new database to WAL needs its exclusive lock, and SQLite answers "database is locked" at once,
+    # without waiting, when another connection is switching it at the same moment (waiting could deadlock): retry.
+    deadline = time.monotonic() + SQLITE_BUSY_SECONDS
+    delay = 0.005
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(2 * delay, 0.25)
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
 
