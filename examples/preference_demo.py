@@ -94,7 +94,8 @@ def main(argv: list[str]) -> int:
             continue
         values = [m.get(name) for m in (before_sft, after_sft, after_dpo)]
         print(f"{name:<22}" + "".join(f"{v:>12.3f}" if v is not None else f"{'—':>12}" for v in values))
-    print(f"{'DPO loss':<22}{'':>12}{after_sft['eval_loss']:>12.3f}{after_dpo['eval_loss']:>12.3f}")
+    loss_name = f"DPO + {options.sft_weight:g} NLL loss" if options.sft_weight else "DPO loss"
+    print(f"{loss_name:<22}{'':>12}{after_sft['eval_loss']:>12.3f}{after_dpo['eval_loss']:>12.3f}")
     general = (manifest["metrics"]["general_before"] or {}), (manifest["metrics"]["general_after"] or {})
     if general[0]:
         print("\nforgetting check (sample_data/text/general), after SFT -> after DPO:")
