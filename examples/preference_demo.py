@@ -5,8 +5,8 @@ base), after SFT and after DPO, and the forgetting check on the general set.
 
 The DPO run continues the SFT adapter (``peft.init_from``), which is also its frozen reference; its manifest records
 the SFT run as its parent. Its loss adds the chosen answers' NLL at weight 1 (``text.sft_weight``, RPO;
-``--sft-weight 0`` trains on DPO's loss alone). Run from the repository root: ``python examples/preference_demo.py`` (CPU: tens of minutes;
-``--dpo-epochs`` and ``--sft-steps`` shorten it). Both run directories are replaced on every run
+``--sft-weight 0`` trains on DPO's loss alone). Run from the repository root: ``python examples/preference_demo.py``
+(CPU: tens of minutes; ``--dpo-epochs`` and ``--sft-steps`` shorten it). Both run directories are replaced on every run
 (``--sft-run DIR`` continues a finished SFT run instead, such as ``runs/demo-text`` from ``make demo``).
 """
 

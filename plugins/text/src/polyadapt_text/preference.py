@@ -520,6 +520,12 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 
+def chosen_nll(chosen: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
+    """The negative log-likelihood of the chosen answers (summed log-probabilities ``chosen`` over ``chosen_tokens``
+    tokens each): the mean over every chosen token of the batch."""
+    return -chosen.sum() / chosen_tokens.sum().clamp(min=1)
+
+
 def orpo_loss(chosen, rejected, chosen_tokens, rejected_tokens, beta: float) -> torch.Tensor:  # noqa: ANN001
     """``NLL(chosen) - beta * mean log sigmoid(log odds ratio)``: ORPO on per-token mean log-probabilities; the NLL is
     the mean over every chosen token of the batch (TRL's ORPOTrainer)."""
@@ -528,13 +534,7 @@ def orpo_loss(chosen, rejected, chosen_tokens, rejected_tokens, beta: float) -> 
     mean_c = chosen / chosen_tokens.clamp(min=1)
     mean_r = rejected / rejected_tokens.clamp(min=1)
     log_odds = (mean_c - mean_r) - (log1mexp(mean_c) - log1mexp(mean_r))
-    nll = -chosen.sum() / chosen_tokens.sum().clamp(min=1)  # chosen_nll, on the tensors themselves
-    return nll - beta * F.logsigmoid(log_odds).mean()
-
-
-def chosen_nll(scores: PairScores) -> torch.Tensor:
-    """The negative log-likelihood of the chosen answers: the mean over every chosen token of the batch."""
-    return -scores.chosen.sum() / scores.chosen_tokens.sum().clamp(min=1)
+    return chosen_nll(chosen, chosen_tokens) - beta * F.logsigmoid(log_odds).mean()
 
 
 def objective_loss(
@@ -554,7 +554,7 @@ def objective_loss(
             loss = ipo_loss(
                 s.chosen, s.rejected, s.ref_chosen, s.ref_rejected, s.chosen_tokens, s.rejected_tokens, beta
             )
-        return loss + sft_weight * chosen_nll(s) if sft_weight else loss
+        return loss + sft_weight * chosen_nll(s.chosen, s.chosen_tokens) if sft_weight else loss
     if objective == "simpo":
         return simpo_loss(s.chosen, s.rejected, s.chosen_tokens, s.rejected_tokens, beta, gamma or 0.0)
     if objective == "orpo":
