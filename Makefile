@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 PACKAGES := -e core -e plugins/text -e plugins/speech -e plugins/image
 STAMP := $(VENV)/.polyadapt-installed
 
-.PHONY: install test test-slow test-heavy test-all lint demo bench clean
+.PHONY: install flower-env test test-slow test-heavy test-all lint demo bench clean
 
 $(STAMP): core/pyproject.toml plugins/text/pyproject.toml plugins/speech/pyproject.toml plugins/image/pyproject.toml constraints.txt requirements-dev.txt requirements-models.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,20 @@ $(STAMP): core/pyproject.toml plugins/text/pyproject.toml plugins/speech/pyproje
 
 install: $(STAMP)
 
-test: $(STAMP)
+# Flower (federate.transport: flower) in .venv-flower: its own pins for the packages that conflict, every other
+# package (torch, polyadapt...) read from .venv through a .pth file
+FLOWER_VENV ?= .venv-flower
+FLOWER_STAMP := $(FLOWER_VENV)/.polyadapt-flower-installed
+$(FLOWER_STAMP): $(STAMP) requirements-flower.txt
+	test -x $(FLOWER_VENV)/bin/python || $(PYTHON) -m venv $(FLOWER_VENV)
+	$(PY) -c "import sysconfig; print('import site; site.addsitedir(%r)' % sysconfig.get_paths()['purelib'])" \
+		> "$$($(FLOWER_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/_polyadapt_venv.pth"
+	$(FLOWER_VENV)/bin/python -m pip install -q -r requirements-flower.txt
+	touch $@
+
+flower-env: $(FLOWER_STAMP)
+
+test: $(STAMP) $(FLOWER_STAMP)
 	$(VENV)/bin/pytest -q
 
 # the real-model checks behind the README's demo figures (CI runs them after `make test`)
@@ -42,4 +55,4 @@ bench: $(STAMP)
 	for script in benchmarks/*_throughput.py; do $(PY) $$script || exit 1; done
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(FLOWER_VENV) runs

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -299,3 +301,68 @@ def test_federated_runs_compose_like_any_adapter(fed_config, sites, tmp_path):
     assert [p["data"]["fingerprint"] for p in composed["parents"]] == [
         manifest_of(r)["data"]["fingerprint"]["sha256"] for r in runs
     ]
+
+
+# -- the Flower transport: a ServerApp with the recipe's aggregation, one ClientApp per site, Flower's simulation ----
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def flower_python() -> Path:
+    """The interpreter of the environment `make flower-env` builds; skipped with the reason when it is missing,
+    unless POLYADAPT_REQUIRE_FLOWER is set (CI), where a missing environment fails."""
+    python = ROOT / ".venv-flower" / "bin" / "python"
+    if not python.exists():
+        message = f"{python} is missing: run `make flower-env`"
+        if os.environ.get("POLYADAPT_REQUIRE_FLOWER"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return python
+
+
+def test_flower_simulation_gives_the_in_process_adapter(fed_config, sites, tmp_path):
+    """Two sites, two rounds as Flower ClientApps in Ray workers, aggregated by the strategy: the same exact
+    aggregation, bytes and adapter as the in-process simulation from the same seed. ``stack`` takes the longest
+    client path (the merged earlier rounds go down to every site, fresh factors come back); the aggregators are
+    the transport's business no more than the in-process one's."""
+    from polyadapt.federated import federate
+
+    method = "stack"
+    out = tmp_path / "flower"
+    args = ["federate", str(fed_config()), "--sites", f"{sites[0]},{sites[1]}", "--rounds", "2"]
+    result = subprocess.run(
+        [str(flower_python()), "-m", "polyadapt", *args, "--aggregate", method, "--transport", "flower",
+         "--output", str(out)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_DEDUP_LOGS": "0"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "round 2/2" in result.stderr and "flower" in result.stdout
+    flower = manifest_of(out)["federation"]
+    assert flower["transport"] == "flower"
+    local = manifest_of(federate(fed_config(), sites[:2], rounds=2, aggregate=method, output=tmp_path / "local"))
+    local = local["federation"]
+    assert local["transport"] == "simulation"
+    for ours, theirs in zip(flower["history"], local["history"], strict=True):
+        assert ours["relative_error_vs_exact_mean"] < 1e-6
+        assert ours["weights"] == pytest.approx(theirs["weights"])
+        assert (ours["bytes_up"], ours["bytes_down"]) == (theirs["bytes_up"], theirs["bytes_down"])
+        assert ours["mean_local_loss"] == pytest.approx(theirs["mean_local_loss"], rel=1e-5)
+    got, expected = read_adapter(out).layers, read_adapter(tmp_path / "local").layers
+    assert set(got) == set(expected)
+    for key in got:
+        torch.testing.assert_close(got[key].A, expected[key].A, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[key].B, expected[key].B, rtol=1e-5, atol=1e-6)
+
+
+def test_the_flower_transport_without_flwr_names_the_way_out(fed_config, sites, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("flwr") is not None:
+        pytest.skip("flwr is importable in this environment")
+    out = tmp_path / "no-flower"
+    result = run_cli(
+        "federate", str(fed_config()), "--sites", f"{sites[0]},{sites[1]}", "--transport", "flower",
+        "--output", str(out),
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "make flower-env" in result.stderr and "federate.transport" in result.stderr
+    assert not out.exists()

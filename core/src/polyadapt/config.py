@@ -208,6 +208,11 @@ class FederateConfig(Section):
         "fail", description="fail: a site with broken data or a failed local round stops the run; skip: it is left out."
     )
     dp: DPConfig | None = Field(None, description="Client-side clipping and Gaussian noise of updates; null: none.")
+    transport: Literal["simulation", "flower"] = Field(
+        "simulation",
+        description="simulation: every site in this process; flower: a Flower ServerApp and one ClientApp per site on "
+        "Flower's simulation runtime (Ray), in the environment `make flower-env` builds.",
+    )
 
 
 CORE_KEYS = (

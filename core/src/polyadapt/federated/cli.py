@@ -19,13 +19,18 @@ OVERRIDE_HELP = "Override a config value: key.sub=value (YAML value). Repeatable
     "fedavg: A and B averaged, inexact.",
 )  # fmt: skip
 @click.option(
+    "--transport", type=click.Choice(["simulation", "flower"]),
+    help="simulation (default): every site in this process; flower: Flower ServerApp/ClientApps on Flower's "
+    "simulation runtime (needs `make flower-env`).",
+)  # fmt: skip
+@click.option(
     "--output", type=click.Path(path_type=Path), help="Run directory to create (default: the config's output)."
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in the output directory.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=OVERRIDE_HELP)
 def federate(
-    config: Path, sites: str, rounds: int | None, aggregate: str | None, output: Path | None, overwrite: bool,
-    overrides: tuple[str, ...],
+    config: Path, sites: str, rounds: int | None, aggregate: str | None, transport: str | None, output: Path | None,
+    overwrite: bool, overrides: tuple[str, ...],
 ) -> None:  # fmt: skip
     """Federated LoRA on CONFIG's base: every site trains the adapter locally each round, only adapter updates travel,
     the aggregate starts the next round. Writes an ordinary run directory with the federation's lineage."""
@@ -39,7 +44,9 @@ def federate(
     if not paths:
         raise ConfigError(f"--sites {sites!r}: expected comma-separated directories")
     cfg = load_config(config, overrides)
-    run_dir = run_federate(cfg, paths, rounds=rounds, aggregate=aggregate, output=output, overwrite=overwrite)
+    run_dir = run_federate(
+        cfg, paths, rounds=rounds, aggregate=aggregate, output=output, overwrite=overwrite, transport=transport
+    )
     manifest = json.loads((run_dir / "polyadapt.json").read_text())
     click.echo(format_summary(manifest))
     click.echo(f"run: {run_dir}  (report: {run_dir / 'report.html'})")

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from ..lora import LoraLayer
     from ..modality import DatasetSplits, EvalResult, Modality, ModalityRun, PreparedSplit
     from ..plugins import PolyadaptPluginManager
-    from .simulation import LocalTraining, SiteClient, Transport
+    from .simulation import LocalTraining, Reply, SiteClient, Transport
 
 #: the per-round history written to the run directory's metrics.jsonl (the report's curve: mean local loss per round)
 METRICS_FILE = "metrics.jsonl"
@@ -68,14 +68,15 @@ class FederatedRecipe:
     def __init__(
         self, config: AdaptConfig | str | Path, sites: list[str | Path], *, plugin_manager: PolyadaptPluginManager,
         rounds: int | None = None, aggregate: str | None = None, output: str | Path | None = None,
-        overwrite: bool = False, transport: Transport | None = None,
+        overwrite: bool = False, transport: Transport | str | None = None,
     ) -> None:  # fmt: skip
-        from .simulation import InProcessTransport
-
         self.pm = plugin_manager
         config = config if isinstance(config, AdaptConfig) else load_config(config, plugin_manager=plugin_manager)
         section = config.federate or FederateConfig()
-        update = {k: v for k, v in (("rounds", rounds), ("aggregate", aggregate)) if v is not None}
+        chosen = transport if isinstance(transport, str) else None
+        update = {
+            k: v for k, v in (("rounds", rounds), ("aggregate", aggregate), ("transport", chosen)) if v is not None
+        }
         try:
             section = FederateConfig.model_validate({**section.model_dump(), **update})
         except ValueError as exc:
@@ -95,7 +96,7 @@ class FederatedRecipe:
         paths = [Path(s) for s in sites]
         self.sites = [Site(name, path) for name, path in zip(site_names(paths), paths, strict=True)]
         self.overwrite = overwrite
-        self.transport = transport or InProcessTransport()
+        self.transport = transport if transport is not None and chosen is None else make_transport(section.transport)
         self.modality: Modality = self.pm.get_modality(self.config.modality)
         self.rundir = RunDirectory(self.config.output)
         self.manifest: Manifest | None = None
@@ -175,37 +176,20 @@ class FederatedRecipe:
 
     def load(self) -> None:
         """Open the modality's run, load the base once, prepare every site's splits and choose the ``auto`` values."""
-        from accelerate.utils import set_seed
-
-        from ..lifecycle import compute_dtype, make_accelerator
-        from ..modality import RunContext
-        from ..peft_run import PeftRun
-        from ..recipe import freeze_base, limit
+        from ..lifecycle import make_accelerator
 
         config = self.config
         self.accelerator = make_accelerator(config, self.run_dir, trackers=False)
         if self.accelerator.num_processes > 1:
             raise ConfigError("federate runs its sites in one process; launch it without accelerate/torchrun")
-        set_seed(config.train.seed)
-        ctx = RunContext(
-            config=config, base=self.base, device=self.accelerator.device,
-            dtype=compute_dtype(self.accelerator.mixed_precision), run_dir=self.run_dir,
-        )  # fmt: skip
-        run = self.run_model = self.modality.open(ctx)
-        if not isinstance(run, PeftRun):
-            raise ConfigError(f"the {self.modality.name} modality's adapter is not a PEFT LoRA; federate needs one")
-        run.load_base()
-        freeze_base(run)
-        run.model.to(ctx.device)
+        run = self.run_model = open_model(self.modality, config, self.base, self.accelerator, self.run_dir)
         for key, value in run.info.items():
             setattr(self.manifest.base, key, value)
         self.full_model_bytes = sum(
             p.numel() * p.element_size() for m in run.trainable_modules() for p in m.parameters()
         )
         for site in self.active:
-            site.train = run.prepare(site.splits.train, True)
-            site.validation = limit(site.splits.validation, config.eval.max_samples)
-            site.validation_prepared = run.prepare(site.validation, False)
+            prepare_site(run, site, config)
         self._resolve_training()
 
     def evaluate_before(self) -> None:
@@ -219,24 +203,10 @@ class FederatedRecipe:
 
     def attach(self) -> None:
         """Attach the adapter from the shared seed (every site would make the same one) and set up the sites."""
-        from accelerate.utils import set_seed
+        from .simulation import SiteClient
 
-        from .model import lora_modules, read_layers
-        from .simulation import LocalTraining, SiteClient
-
-        run = self.run_model
-        set_seed(self.config.train.seed)
-        run.add_adapter()
-        run.model.to(self.accelerator.device)
-        modules = lora_modules(run.model)
-        if not modules:
-            raise ConfigError("peft.target_modules: the adapter has no LoRA layers to federate")
-        initial = read_layers(modules)
-        self.state = GlobalAdapter(layers=initial)
-        self.local = LocalTraining(
-            run=run, accelerator=self.accelerator, modules=modules, initial=initial, method=self.method,
-            seed=self.config.train.seed, dp=self.section.dp,
-        )  # fmt: skip
+        self.local = attach_lora(self.run_model, self.config, self.accelerator)
+        self.state = GlobalAdapter(layers=self.local.initial)
         self.clients = [
             SiteClient(site.name, index, site.samples, site.train, self.local)
             for index, site in enumerate(self.sites)
@@ -244,66 +214,81 @@ class FederatedRecipe:
         ]
 
     def rounds(self) -> None:
-        """Every round: the server's message to every site, each site's local training and update, the aggregate
-        (the next round's start), its distance from the exact weighted mean of the updates, the bytes and the
-        privacy budget spent so far."""
-        from .aggregate import aggregate, applied_delta, download, exact_mean, relative_error
-        from .simulation import decode, encode, kib, round_start
+        """Every round through the transport: the server's message to every site, each site's local training and
+        update, then :meth:`finish_round`."""
+        self.transport.run(self, self.clients, self.section.rounds)
+
+    def message(self) -> bytes:
+        """What the server sends every site for the next round: the global adapter's travelling factors."""
+        from .aggregate import download
+        from .simulation import encode
+
+        return encode(download(self.method, self.state))
+
+    def site_spec(self, sites: list[SiteClient]) -> dict[str, Any]:
+        """See :meth:`polyadapt.federated.simulation.RoundServer.site_spec`."""
+        import os
+
+        paths = {s.name: str(s.path.resolve()) for s in self.sites}
+        return {
+            "config": self.config.to_dict(), "cwd": os.getcwd(),
+            "sites": [{"name": c.name, "path": paths[c.name], "index": c.index} for c in sites],
+        }  # fmt: skip
+
+    def finish_round(self, number: int, message: bytes, sent: int, replies: list[Reply]) -> None:
+        """One round's replies in: the aggregate (the next round's start), its distance from the exact weighted mean
+        of the updates, the bytes (``message`` went to ``sent`` sites) and the privacy budget spent so far."""
+        from .aggregate import aggregate, applied_delta, exact_mean, relative_error
+        from .simulation import decode, kib, round_start
 
         total = self.section.rounds
         label = "exact" if EXACT[self.method] else "INEXACT"
-        for number in range(1, total + 1):
-            message = encode(download(self.method, self.state))
-            clients = self.clients
-            replies = self.transport.run_round(number, message, clients)
-            failed = [r for r in replies if r.error is not None]
-            for reply in failed:
-                if self.section.on_site_failure == "fail":
-                    raise PolyadaptError(f"round {number}: site {reply.site} failed: {reply.error}")
-                click.echo(f"round {number}: site {reply.site} skipped this round: {reply.error}", err=True)
-                self.skipped.append({"site": reply.site, "round": number, "reason": reply.error})
-            good = [r for r in replies if r.error is None]
-            if not good:
-                raise PolyadaptError(f"round {number}: no site returned an update")
-            start = round_start(self.method, self.state, number, self.local.initial, self.local.seed)
-            updates = [decode(r.message) for r in good]
-            weights = weights_of([r.samples for r in good])
-            new = aggregate(self.method, self.state, start, updates, weights)
-            error = relative_error(
-                applied_delta(self.method, self.state, new, start), exact_mean(start, updates, weights)
-            )
-            self.state = new
-            up = sum(len(r.message) for r in good)
-            down = len(message) * len(clients)
-            record: dict[str, Any] = {
-                "round": number, "sites": [r.site for r in good], "weights": weights,
-                "relative_error_vs_exact_mean": error, "exact": EXACT[self.method],
-                "bytes_up": up, "bytes_down": down, "bytes_per_site_up": {r.site: len(r.message) for r in good},
-                "full_model_bytes_per_site_and_way": self.full_model_bytes,
-                "rank": self.state.merged_rank if self.method == "stack" else self.config.peft.r,
-                "local": {r.site: r.summary for r in good},
-            }  # fmt: skip
-            losses = [(r.summary.get("last_loss"), w) for r, w in zip(good, weights, strict=True)]
-            if all(loss is not None for loss, _ in losses):
-                record["mean_local_loss"] = sum(loss * w for loss, w in losses)
-            budget = ""
-            if self.section.dp is not None:
-                from .privacy import gaussian_epsilon
+        failed = [r for r in replies if r.error is not None]
+        for reply in failed:
+            if self.section.on_site_failure == "fail":
+                raise PolyadaptError(f"round {number}: site {reply.site} failed: {reply.error}")
+            click.echo(f"round {number}: site {reply.site} skipped this round: {reply.error}", err=True)
+            self.skipped.append({"site": reply.site, "round": number, "reason": reply.error})
+        good = [r for r in replies if r.error is None]
+        if not good:
+            raise PolyadaptError(f"round {number}: no site returned an update")
+        start = round_start(self.method, self.state, number, self.local.initial, self.local.seed)
+        updates = [decode(r.message) for r in good]
+        weights = weights_of([r.samples for r in good])
+        new = aggregate(self.method, self.state, start, updates, weights)
+        error = relative_error(applied_delta(self.method, self.state, new, start), exact_mean(start, updates, weights))
+        self.state = new
+        up = sum(len(r.message) for r in good)
+        down = len(message) * sent
+        record: dict[str, Any] = {
+            "round": number, "sites": [r.site for r in good], "weights": weights,
+            "relative_error_vs_exact_mean": error, "exact": EXACT[self.method],
+            "bytes_up": up, "bytes_down": down, "bytes_per_site_up": {r.site: len(r.message) for r in good},
+            "full_model_bytes_per_site_and_way": self.full_model_bytes,
+            "rank": self.state.merged_rank if self.method == "stack" else self.config.peft.r,
+            "local": {r.site: r.summary for r in good},
+        }  # fmt: skip
+        losses = [(r.summary.get("last_loss"), w) for r, w in zip(good, weights, strict=True)]
+        if all(loss is not None for loss, _ in losses):
+            record["mean_local_loss"] = sum(loss * w for loss, w in losses)
+        budget = ""
+        if self.section.dp is not None:
+            from .privacy import gaussian_epsilon
 
-                epsilon = gaussian_epsilon(self.section.dp.noise_multiplier, number, self.section.dp.delta)
-                record["epsilon"] = epsilon
-                record["delta"] = self.section.dp.delta
-                budget = f", epsilon {epsilon:.3g} (delta {self.section.dp.delta:g}, per site)"
-            self.history.append(record)
-            self._append_metrics(record)
-            loss = f", mean local loss {record['mean_local_loss']:.4f}" if "mean_local_loss" in record else ""
-            full = 2 * len(clients) * self.full_model_bytes
-            click.echo(
-                f"round {number}/{total} [{self.method}, {label}]: {len(good)} site(s){loss}; aggregate vs exact mean "
-                f"of updates: relative error {error:.3g}; sent {kib(up)} up + {kib(down)} down "
-                f"({(up + down) / full:.2%} of sending the full model both ways){budget}",
-                err=True,
-            )
+            epsilon = gaussian_epsilon(self.section.dp.noise_multiplier, number, self.section.dp.delta)
+            record["epsilon"] = epsilon
+            record["delta"] = self.section.dp.delta
+            budget = f", epsilon {epsilon:.3g} (delta {self.section.dp.delta:g}, per site)"
+        self.history.append(record)
+        self._append_metrics(record)
+        loss = f", mean local loss {record['mean_local_loss']:.4f}" if "mean_local_loss" in record else ""
+        full = 2 * sent * self.full_model_bytes
+        click.echo(
+            f"round {number}/{total} [{self.method}, {label}]: {len(good)} site(s){loss}; aggregate vs exact mean "
+            f"of updates: relative error {error:.3g}; sent {kib(up)} up + {kib(down)} down "
+            f"({(up + down) / full:.2%} of sending the full model both ways){budget}",
+            err=True,
+        )
 
     def finalize(self) -> None:
         """The final adapter into the run directory (``stack``: reduced to ``peft.r`` by SVD, the discarded energy
@@ -512,7 +497,7 @@ def _pooled_result(sites: list[Site], which: str, metrics: dict[str, float] | No
 def federate(
     config: AdaptConfig | str | Path, sites: list[str | Path], *, rounds: int | None = None,
     aggregate: str | None = None, output: str | Path | None = None, overwrite: bool = False,
-    plugin_manager: PolyadaptPluginManager | None = None, transport: Transport | None = None,
+    plugin_manager: PolyadaptPluginManager | None = None, transport: Transport | str | None = None,
 ) -> Path:  # fmt: skip
     """Federated LoRA over ``sites`` (dataset directories, each read as ``config.data`` would be); return the run
     directory. ``rounds``/``aggregate``/``output`` override the config's ``federate.rounds``,
@@ -524,3 +509,68 @@ def federate(
         aggregate=aggregate, output=output, overwrite=overwrite, transport=transport,
     )  # fmt: skip
     return recipe.run()
+
+
+def make_transport(name: str) -> Transport:
+    """``federate.transport``: ``simulation`` (every site in this process) or ``flower`` (Flower's simulation
+    runtime; checked here, before any data is read or model loaded)."""
+    if name == "flower":
+        from .flower import FlowerTransport
+
+        return FlowerTransport()
+    from .simulation import InProcessTransport
+
+    return InProcessTransport()
+
+
+# -- what the server and every site do alike: open the model, prepare a site, attach the shared adapter ---------------
+def open_model(modality: Modality, config: AdaptConfig, base: Any, accelerator: Any, run_dir: Path) -> ModalityRun:
+    """The modality's run with the base loaded, frozen and on the accelerator's device (a PEFT LoRA run)."""
+    from accelerate.utils import set_seed
+
+    from ..lifecycle import compute_dtype
+    from ..modality import RunContext
+    from ..peft_run import PeftRun
+    from ..recipe import freeze_base
+
+    set_seed(config.train.seed)
+    ctx = RunContext(
+        config=config, base=base, device=accelerator.device, dtype=compute_dtype(accelerator.mixed_precision),
+        run_dir=run_dir,
+    )  # fmt: skip
+    run = modality.open(ctx)
+    if not isinstance(run, PeftRun):
+        raise ConfigError(f"the {modality.name} modality's adapter is not a PEFT LoRA; federate needs one")
+    run.load_base()
+    freeze_base(run)
+    run.model.to(ctx.device)
+    return run
+
+
+def prepare_site(run: ModalityRun, site: Site, config: AdaptConfig) -> None:
+    """A site's training split and held-out samples, prepared by the modality's run."""
+    from ..recipe import limit
+
+    site.train = run.prepare(site.splits.train, True)
+    site.validation = limit(site.splits.validation, config.eval.max_samples)
+    site.validation_prepared = run.prepare(site.validation, False)
+
+
+def attach_lora(run: ModalityRun, config: AdaptConfig, accelerator: Any) -> LocalTraining:
+    """Attach the adapter from ``train.seed``: every site, in any process, draws the same initial factors."""
+    from accelerate.utils import set_seed
+
+    from .model import lora_modules, read_layers
+    from .simulation import LocalTraining
+
+    set_seed(config.train.seed)
+    run.add_adapter()
+    run.model.to(accelerator.device)
+    modules = lora_modules(run.model)
+    if not modules:
+        raise ConfigError("peft.target_modules: the adapter has no LoRA layers to federate")
+    section = config.federate or FederateConfig()
+    return LocalTraining(
+        run=run, accelerator=accelerator, modules=modules, initial=read_layers(modules), method=section.aggregate,
+        seed=config.train.seed, dp=section.dp,
+    )  # fmt: skip

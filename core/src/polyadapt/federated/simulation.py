@@ -6,10 +6,9 @@ which takes the server's message (bytes), trains the adapter locally through the
 ``federate.dp`` asks for it. The messages are safetensors-serialised tensors: exactly what a network transport would
 carry, so the bytes recorded per round are the bytes a deployment sends.
 
-A transport only moves messages: :class:`InProcessTransport` calls every site's ``fit`` in turn in this process. A
-Flower transport is the same two calls behind Flower's ``ClientApp`` (its ``train`` handler decodes the message and
-returns ``SiteClient.fit``'s bytes) and a ``ServerApp`` strategy whose aggregation is
-:func:`polyadapt.federated.aggregate.aggregate`; nothing in the sites or the aggregators changes.
+A transport only moves messages: :class:`InProcessTransport` calls every site's ``fit`` in turn in this process;
+:class:`polyadapt.federated.flower.FlowerTransport` runs the same ``fit`` in Flower ClientApps and the same
+aggregation in a Flower strategy. Nothing in the sites or the aggregators changes.
 """
 
 from __future__ import annotations
@@ -172,12 +171,25 @@ class SiteClient:
         return Reply(site=self.name, samples=self.samples, message=encode(update), summary=summary)
 
 
+class RoundServer(Protocol):
+    """The server side of the rounds (the federate recipe): the message for the next round, and the replies in."""
+
+    def message(self) -> bytes: ...
+
+    def finish_round(self, number: int, message: bytes, sent: int, replies: list[Reply]) -> None: ...
+
+    def site_spec(self, sites: Sequence[SiteClient]) -> dict[str, Any]:
+        """What a site in another process needs to rebuild itself: the resolved config, each site's name, data
+        directory and index, and the working directory the config's relative paths start from."""
+        ...
+
+
 class Transport(Protocol):
-    """Moves one round's messages: the server's to every site, every site's reply back."""
+    """Moves the rounds' messages: the server's to every site, every site's reply back."""
 
     name: str
 
-    def run_round(self, number: int, message: bytes, sites: Sequence[SiteClient]) -> list[Reply]: ...
+    def run(self, server: RoundServer, sites: Sequence[SiteClient], rounds: int) -> None: ...
 
 
 class InProcessTransport:
@@ -185,8 +197,10 @@ class InProcessTransport:
 
     name = "simulation"
 
-    def run_round(self, number: int, message: bytes, sites: Sequence[SiteClient]) -> list[Reply]:
-        return [site.fit(number, message) for site in sites]
+    def run(self, server: RoundServer, sites: Sequence[SiteClient], rounds: int) -> None:
+        for number in range(1, rounds + 1):
+            message = server.message()
+            server.finish_round(number, message, len(sites), [site.fit(number, message) for site in sites])
 
 
 def kib(size: int) -> str:
