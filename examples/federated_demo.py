@@ -66,6 +66,15 @@ def config_for(base: str, data: Path, output: Path, steps: int, extra: dict) -> 
     }  # fmt: skip
 
 
+def finished(run_dir: Path) -> Path | None:
+    """A run directory that completed (reused by ``--resume``), or None."""
+    manifest = Path(run_dir) / "polyadapt.json"
+    if manifest.exists() and json.loads(manifest.read_text()).get("status") == "complete":
+        print(f"   reusing the completed run {run_dir}", flush=True)
+        return Path(run_dir)
+    return None
+
+
 def fact_accuracy(run_dir: Path, branches: list[Path], max_samples: int | None) -> tuple[list, list]:
     """Fact accuracy of the base (before) and of the run's adapter (after) on each branch's held-out questions."""
     from polyadapt.lifecycle import evaluate
@@ -87,6 +96,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-samples", type=int, help="Evaluate on at most N held-out questions per branch.")
     parser.add_argument("--work", type=Path, default=Path("runs/federated-demo"), help="Where everything is written.")
     parser.add_argument("--set-json", default="{}", help="Extra config sections as JSON, e.g. '{\"text\": {...}}'.")
+    parser.add_argument(
+        "--resume", action="store_true", help="Keep --work and reuse the runs there that completed (same settings)."
+    )
     args = parser.parse_args(argv)
 
     import polyadapt
@@ -95,23 +107,34 @@ def main(argv: list[str]) -> int:
 
     os.chdir(ROOT)
     extra = json.loads(args.set_json)
-    shutil.rmtree(args.work, ignore_errors=True)
+    if not args.resume:
+        shutil.rmtree(args.work, ignore_errors=True)
     branches, pooled = split_branches(ROOT / "sample_data" / "text", args.work / "data")
     total = args.rounds * args.steps
     rows: list[tuple[str, Path, dict | None]] = []
     for branch in branches:
         print(f"== local only: {branch.name} ({total} steps)", flush=True)
         config = validate_config(config_for(args.base, branch, args.work / f"local-{branch.name}", total, extra))
-        rows.append((f"local only: {branch.name}", polyadapt.adapt(config), None))
+        done = finished(config.output)
+        rows.append((f"local only: {branch.name}", done or polyadapt.adapt(config, overwrite=args.resume), None))
     for method in AGGREGATORS:
         print(f"== federated: {method} ({args.rounds} rounds x {args.steps} steps per branch)", flush=True)
         raw = config_for(args.base, branches[0], args.work / f"federated-{method}", args.steps, extra)
-        run_dir = federate(validate_config(raw), branches, rounds=args.rounds, aggregate=method)
+        config = validate_config(raw)
+        run_dir = finished(config.output) or federate(
+            config, branches, rounds=args.rounds, aggregate=method, overwrite=args.resume
+        )
         federation = json.loads((run_dir / "polyadapt.json").read_text())["federation"]
         rows.append((f"federated: {method}", run_dir, federation))
     print(f"== centralised on the pooled data ({total * len(branches)} steps)", flush=True)
     config = validate_config(config_for(args.base, pooled, args.work / "centralised", total * len(branches), extra))
-    rows.append(("centralised (pooled, upper bound)", polyadapt.adapt(config), None))
+    rows.append(
+        (
+            "centralised (pooled, upper bound)",
+            finished(config.output) or polyadapt.adapt(config, overwrite=args.resume),
+            None,
+        )
+    )
 
     table = []
     base_row = None
