@@ -13,19 +13,14 @@ default run only.
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing
 import os
-import platform
 import queue as queues
 import resource
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-# mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _LIVE_THRESHOLD = 128 * 1024
 
 
@@ -54,12 +49,9 @@ def current_memory(device: str) -> float:
 def return_freed_memory() -> bool:
     """Make glibc's ``malloc`` hand every freed block of 128 KiB or more back to the system (a fixed mmap threshold,
     which also stops it raising that threshold itself, and a fixed trim threshold). False where that is not glibc."""
-    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(None)
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, _LIVE_THRESHOLD)) and bool(
-        libc.mallopt(_M_TRIM_THRESHOLD, _LIVE_THRESHOLD)
-    )
+    from polyadapt.cpu_memory import fix_mmap_threshold
+
+    return fix_mmap_threshold(_LIVE_THRESHOLD, trim=_LIVE_THRESHOLD)
 
 
 def sync(device: str) -> None:
@@ -99,7 +91,7 @@ def _child(function: Callable[[dict], dict], args: dict, queue: Any, live: bool)
     if live and not return_freed_memory():
         queue.put(None)
         return
-    queue.put(function(args))
+    queue.put(function({**args, "live": live}))
 
 
 def measure(function: Callable[[dict], dict], args: dict, live_memory: bool = False) -> dict:
@@ -134,3 +126,9 @@ def _run(function: Callable[[dict], dict], args: dict, live: bool) -> dict | Non
                 ) from None
     process.join()
     return result
+
+
+def live_memory_train(args: dict) -> dict:
+    """``train`` keys for a polyadapt run: in the live-memory run, leave the harness's 128 KiB mmap threshold alone
+    (a ``train.cpu_mmap_threshold_kib`` would replace it); in the timed run, nothing (the product's default)."""
+    return {"cpu_mmap_threshold_kib": None} if args.get("live") else {}

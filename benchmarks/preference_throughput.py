@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import StepClock, current_memory, measure, peak_memory
+from harness import StepClock, current_memory, live_memory_train, measure, peak_memory
 from text_throughput import SHAPES, build_model, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ def run_polyadapt(args: dict) -> dict:
             {
                 "modality": "text", "base": f"benchmark/llama-{args['shape']}", "data": {"path": str(DATA)},
                 "output": tmp, "peft": {"method": "lora", "r": LORA_R, "alpha": 2 * LORA_R, "dropout": 0.0},
-                "train": {"max_steps": args["steps"], "lr": LR, "batch_size": args["batch_size"], "scheduler": "constant",
+                "train": {**live_memory_train(args), "max_steps": args["steps"], "lr": LR, "batch_size": args["batch_size"], "scheduler": "constant",
                           "warmup_steps": 0, "eval_every": None, "early_stopping_patience": None,
                           "early_stopping_metric": "eval_loss", "max_grad_norm": 1.0, "seed": SEED,
                           "precision": args["precision"], "log_every": 1},

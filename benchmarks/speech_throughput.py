@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import StepClock, measure, peak_memory, sync
+from harness import StepClock, live_memory_train, measure, peak_memory, sync
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "sample_data" / "speech"
@@ -74,7 +74,7 @@ def speech_config(args: dict, output: str):
         {
             "modality": "speech", "base": "benchmark/whisper-2x128", "data": {"path": str(DATA)}, "output": output,
             "peft": {"method": "lora", "r": LORA_R, "alpha": 2 * LORA_R, "dropout": 0.0},
-            "train": {"max_steps": args["steps"], "lr": LR, "batch_size": args["batch_size"], "scheduler": "constant",
+            "train": {**live_memory_train(args), "max_steps": args["steps"], "lr": LR, "batch_size": args["batch_size"], "scheduler": "constant",
                       "warmup_steps": 0, "eval_every": None,
                       "max_grad_norm": 1.0, "seed": 0, "precision": args["precision"], "log_every": 1},
             "speech": {"features_on_device": True},

@@ -224,3 +224,57 @@ def test_train_loop_called_directly_without_periodic_evaluation_needs_no_early_s
     assert result.state.step == 5 and result.state.best_step is None and not result.state.stopped_early
     losses = [r["loss"] for r in read_history(tmp_path) if "loss" in r]
     assert len(losses) == 5 and all(math.isfinite(v) for v in losses)
+
+
+@pytest.mark.parametrize(("threshold", "expected"), [(None, []), (512, [512 * 1024])])
+def test_cpu_training_fixes_the_mmap_threshold_unless_told_not_to(threshold, expected, toy_config, monkeypatch):
+    import polyadapt.cpu_memory
+
+    calls = []
+    monkeypatch.setattr(polyadapt.cpu_memory, "fix_mmap_threshold", lambda size, trim=None: calls.append(size))
+    config = toy_config("mmap.yaml", train={"max_steps": 2, "cpu_mmap_threshold_kib": threshold})
+    polyadapt.adapt(config)
+    assert calls == expected
+
+
+MMAP_PROBE = """
+import ctypes, sys
+from polyadapt.cpu_memory import fix_mmap_threshold
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] == "fixed":
+    assert fix_mmap_threshold(1 << 20)
+size = 3 << 19  # 1.5 MiB: mmapped at first; freeing it raises glibc's own threshold above it
+first = libc.malloc(size)
+libc.free(ctypes.c_void_p(first))
+before = libc.mallinfo2().hblks
+second = libc.malloc(size)
+print(libc.mallinfo2().hblks - before)
+libc.free(ctypes.c_void_p(second))
+"""
+
+
+def test_a_fixed_mmap_threshold_keeps_activation_sized_blocks_out_of_the_heap():
+    """glibc alone serves a re-allocated 1.5 MiB block from its heap (it raised its threshold when the first was
+    freed); with the threshold fixed at 1 MiB the block is mmapped again, so freeing it gives it back."""
+    import subprocess
+    import sys
+
+    from polyadapt.cpu_memory import fix_mmap_threshold, is_glibc
+
+    if not is_glibc():
+        assert fix_mmap_threshold(1 << 20) is False
+        return
+    mmapped = {
+        mode: int(subprocess.run([sys.executable, "-c", MMAP_PROBE, mode], capture_output=True, text=True,
+                                 check=True).stdout)
+        for mode in ("default", "fixed")
+    }  # fmt: skip
+    assert mmapped == {"default": 0, "fixed": 1}

@@ -117,6 +117,12 @@ class TrainConfig(Section):
         "auto", description="auto = bf16 on GPUs that support it, fp32 otherwise."
     )
     grad_checkpointing: bool = False
+    cpu_mmap_threshold_kib: int | None = Field(
+        None, ge=1, le=32768,
+        description="Training on a CPU under glibc: fix malloc's mmap threshold (KiB) so that freed activations go back "
+        "to the system instead of fragmenting a heap that stays resident (lower peak RSS, slower steps); null: "
+        "glibc's own self-raising threshold.",
+    )  # fmt: skip
     group_by_length: bool = Field(False, description="Batch samples of similar length together (less padding).")
     seed: int = 0
     eval_every: Annotated[int, Field(ge=1)] | Auto | None = Field(

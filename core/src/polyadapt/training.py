@@ -224,6 +224,10 @@ def train_loop(
     if num_items == 0:
         raise ConfigError(f"data.path: no training samples in {ctx.config.data.path}")
     global_batch = cfg.batch_size * accelerator.num_processes
+    if accelerator.device.type == "cpu" and cfg.cpu_mmap_threshold_kib is not None:
+        from .cpu_memory import fix_mmap_threshold
+
+        fix_mmap_threshold(cfg.cpu_mmap_threshold_kib * 1024)
 
     params = [p for m in run.trainable_modules() for p in m.parameters() if p.requires_grad]
     if not params:
