@@ -319,6 +319,33 @@ def flower_python() -> Path:
     return python
 
 
+def flower_federate(config: Path, sites: list[Path], method: str, out: Path) -> dict:
+    args = ["federate", str(config), "--sites", ",".join(map(str, sites)), "--rounds", "2", "--aggregate", method]
+    result = subprocess.run(
+        [str(flower_python()), "-m", "polyadapt", *args, "--transport", "flower", "--output", str(out)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_DEDUP_LOGS": "0"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "round 2/2" in result.stderr and "flower" in result.stdout
+    return manifest_of(out)["federation"]
+
+
+def assert_same_federation(flower: dict, local: dict, flower_dir: Path, local_dir: Path) -> None:
+    assert (flower["transport"], local["transport"]) == ("flower", "simulation")
+    assert [s["name"] for s in flower["sites"]] == [s["name"] for s in local["sites"]]
+    for ours, theirs in zip(flower["history"], local["history"], strict=True):
+        assert ours["sites"] == theirs["sites"]
+        assert ours["relative_error_vs_exact_mean"] < 1e-6
+        assert ours["weights"] == pytest.approx(theirs["weights"])
+        assert (ours["bytes_up"], ours["bytes_down"]) == (theirs["bytes_up"], theirs["bytes_down"])
+        assert ours["mean_local_loss"] == pytest.approx(theirs["mean_local_loss"], rel=1e-5)
+    got, expected = read_adapter(flower_dir).layers, read_adapter(local_dir).layers
+    assert set(got) == set(expected)
+    for key in got:
+        torch.testing.assert_close(got[key].A, expected[key].A, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[key].B, expected[key].B, rtol=1e-5, atol=1e-6)
+
+
 def test_flower_simulation_gives_the_in_process_adapter(fed_config, sites, tmp_path):
     """Two sites, two rounds as Flower ClientApps in Ray workers, aggregated by the strategy: the same exact
     aggregation, bytes and adapter as the in-process simulation from the same seed. ``stack`` takes the longest
@@ -326,31 +353,22 @@ def test_flower_simulation_gives_the_in_process_adapter(fed_config, sites, tmp_p
     the transport's business no more than the in-process one's."""
     from polyadapt.federated import federate
 
-    method = "stack"
-    out = tmp_path / "flower"
-    args = ["federate", str(fed_config()), "--sites", f"{sites[0]},{sites[1]}", "--rounds", "2"]
-    result = subprocess.run(
-        [str(flower_python()), "-m", "polyadapt", *args, "--aggregate", method, "--transport", "flower",
-         "--output", str(out)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_DEDUP_LOGS": "0"},
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "round 2/2" in result.stderr and "flower" in result.stdout
-    flower = manifest_of(out)["federation"]
-    assert flower["transport"] == "flower"
-    local = manifest_of(federate(fed_config(), sites[:2], rounds=2, aggregate=method, output=tmp_path / "local"))
-    local = local["federation"]
-    assert local["transport"] == "simulation"
-    for ours, theirs in zip(flower["history"], local["history"], strict=True):
-        assert ours["relative_error_vs_exact_mean"] < 1e-6
-        assert ours["weights"] == pytest.approx(theirs["weights"])
-        assert (ours["bytes_up"], ours["bytes_down"]) == (theirs["bytes_up"], theirs["bytes_down"])
-        assert ours["mean_local_loss"] == pytest.approx(theirs["mean_local_loss"], rel=1e-5)
-    got, expected = read_adapter(out).layers, read_adapter(tmp_path / "local").layers
-    assert set(got) == set(expected)
-    for key in got:
-        torch.testing.assert_close(got[key].A, expected[key].A, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(got[key].B, expected[key].B, rtol=1e-5, atol=1e-6)
+    flower = flower_federate(fed_config(), sites[:2], "stack", tmp_path / "flower")
+    local = federate(fed_config(), sites[:2], rounds=2, aggregate="stack", output=tmp_path / "local")
+    assert_same_federation(flower, manifest_of(local)["federation"], tmp_path / "flower", local)
+
+
+def test_flower_nodes_train_the_right_sites_when_one_is_left_out(fed_config, sites, tmp_path):
+    """The first of three sites is broken and skipped: the two Flower nodes (partitions 0 and 1) are sites 1 and 2,
+    each seeded as the in-process run seeds them."""
+    from polyadapt.federated import federate
+
+    (sites[0] / "train.jsonl").write_text('{"x": [1, 2, 3, 4]}\n')  # no "y"
+    config = fed_config(on_site_failure="skip")
+    flower = flower_federate(config, sites, "ffa", tmp_path / "flower")
+    local = federate(config, sites, rounds=2, aggregate="ffa", output=tmp_path / "local")
+    assert [s["name"] for s in flower["sites"]] == ["branch-1", "branch-2"]
+    assert_same_federation(flower, manifest_of(local)["federation"], tmp_path / "flower", local)
 
 
 def test_the_flower_transport_without_flwr_names_the_way_out(fed_config, sites, tmp_path):

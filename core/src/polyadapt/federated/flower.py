@@ -68,12 +68,21 @@ def from_arrays(record: Any) -> dict[str, torch.Tensor]:
 _PROCESS: dict[str, Any] = {}
 
 
-def site_client(spec: dict[str, Any], index: int) -> SiteClient:
-    """Site ``index`` of ``spec`` in this process: the base loaded once per process, the site's own data read and
-    prepared, the adapter attached from the shared seed."""
-    clients = _PROCESS.setdefault("clients", {})
-    if index in clients:
-        return clients[index]
+def site_client(spec: dict[str, Any], partition: int) -> SiteClient:
+    """The site of node ``partition`` in this process: the base loaded once per process (and federation), the site's
+    own data read and prepared, the adapter attached from the shared seed."""
+    import hashlib
+    import json
+
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+    if _PROCESS.get("key") != key:  # a new federation in this process: nothing of the last one is reused
+        _PROCESS.clear()
+        _PROCESS.update(key=key, clients={})
+    clients = _PROCESS["clients"]
+    if partition in clients:
+        return clients[partition]
+    import atexit
+    import shutil
     import tempfile
 
     from ..config import validate_config
@@ -88,18 +97,19 @@ def site_client(spec: dict[str, Any], index: int) -> SiteClient:
     base = resolve_base(config.base, pm)
     if "local" not in _PROCESS:
         scratch = Path(tempfile.mkdtemp(prefix="polyadapt-flower-site-"))
+        atexit.register(shutil.rmtree, scratch, ignore_errors=True)
         accelerator = make_accelerator(config, scratch, trackers=False)
         run = open_model(modality, config, base, accelerator, scratch)
         _PROCESS["local"] = attach_lora(run, config, accelerator)
     local: LocalTraining = _PROCESS["local"]
-    entry = spec["sites"][index]
+    entry = spec["sites"][partition]
     site = Site(entry["name"], Path(entry["path"]))
-    index = entry["index"]
     site_config = config.model_copy(update={"data": config.data.model_copy(update={"path": site.path})})
     site.splits, _ = read_data(modality, site_config, site.path, base=base)
     prepare_site(local.run, site, config)
-    clients[index] = SiteClient(site.name, index, site.samples, site.train, local)
-    return clients[index]
+    # the site's index among all the sites named (not its node's partition): it seeds the site's data order and noise
+    clients[partition] = SiteClient(site.name, entry["index"], site.samples, site.train, local)
+    return clients[partition]
 
 
 def client_app(spec: dict[str, Any]) -> Any:
