@@ -159,17 +159,22 @@ def strategy_class() -> type:
                 fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=sites, min_available_nodes=sites
             )
             self.server = server
-            self.sent: tuple[bytes, int] = (b"", 0)
+            #: the server's message behind the arrays Flower sends next (its bytes are what is recorded)
+            self.message = server.message()
+            self.sent = 0
+
+        def initial_arrays(self) -> Any:
+            return to_arrays(decode(self.message))
 
         def configure_train(self, server_round: int, arrays: Any, config: Any, grid: Any) -> Any:
             messages = list(super().configure_train(server_round, arrays, config, grid))
-            self.sent = (encode(from_arrays(arrays)), len(messages))
+            self.sent = len(messages)
             return messages
 
         def aggregate_train(self, server_round: int, replies: Any) -> tuple[Any, None]:
-            message, sent = self.sent
-            self.server.finish_round(server_round, message, sent, to_replies(replies))
-            return to_arrays(decode(self.server.message())), None
+            self.server.finish_round(server_round, self.message, self.sent, to_replies(replies))
+            self.message = self.server.message()
+            return to_arrays(decode(self.message)), None
 
     return PolyadaptStrategy
 
@@ -219,7 +224,7 @@ class FlowerTransport:
         @app.main()
         def main(grid: Grid, context: Context) -> None:
             strategy = strategy_class()(server, len(sites))
-            strategy.start(grid=grid, initial_arrays=to_arrays(decode(server.message())), num_rounds=rounds)
+            strategy.start(grid=grid, initial_arrays=strategy.initial_arrays(), num_rounds=rounds)
 
         logging.getLogger("flwr").setLevel(logging.WARNING)
         run_simulation(

@@ -73,7 +73,7 @@ class FederatedRecipe:
         self.pm = plugin_manager
         config = config if isinstance(config, AdaptConfig) else load_config(config, plugin_manager=plugin_manager)
         section = config.federate or FederateConfig()
-        chosen = transport if isinstance(transport, str) else None
+        chosen = transport if isinstance(transport, str) else None  # --transport overrides federate.transport
         update = {
             k: v for k, v in (("rounds", rounds), ("aggregate", aggregate), ("transport", chosen)) if v is not None
         }
@@ -96,7 +96,8 @@ class FederatedRecipe:
         paths = [Path(s) for s in sites]
         self.sites = [Site(name, path) for name, path in zip(site_names(paths), paths, strict=True)]
         self.overwrite = overwrite
-        self.transport = transport if transport is not None and chosen is None else make_transport(section.transport)
+        # a transport object is used as given; a name (or none) picks one from federate.transport
+        self.transport = transport if chosen is None and transport is not None else make_transport(section.transport)
         self.modality: Modality = self.pm.get_modality(self.config.modality)
         self.rundir = RunDirectory(self.config.output)
         self.manifest: Manifest | None = None
